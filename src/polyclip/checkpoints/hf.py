@@ -1,0 +1,234 @@
+"""Hugging Face transformers folders: CLIPModel and SiglipModel.
+
+A folder holds ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin`` (or sharded weights
+with an ``*.index.json``), usually with ``preprocessor_config.json`` and tokenizer files.
+config.json records only the values that differ from transformers' defaults, so the defaults of
+``CLIPTextConfig``/``CLIPVisionConfig`` and ``SiglipTextConfig``/``SiglipVisionConfig`` are kept here.
+Reference: transformers ``models/clip/modeling_clip.py``, ``models/siglip/modeling_siglip.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polyclip.checkpoints.common import (
+    Checkpoint,
+    CheckpointError,
+    fuse_all_qkv,
+    read_weights,
+    rename_keys,
+    split_rows,
+)
+from polyclip.models import DualEncoderConfig, TextConfig, VisionConfig
+
+# transformers' defaults for what config.json may leave out
+_DEFAULTS = {
+    "clip": {
+        "text": dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                     num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+                     layer_norm_eps=1e-5, eos_token_id=49407),
+        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+        "top": dict(projection_dim=512, logit_scale_init_value=2.6592),
+    },
+    "siglip": {
+        "text": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+                     layer_norm_eps=1e-6),
+        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+        "top": dict(),
+    },
+}
+
+# transformers' activation names -> polyclip's
+_ACTIVATIONS = {
+    "quick_gelu": "quick_gelu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+}
+
+_BLOCK_RENAMES = [
+    (r"layer_norm1\.(weight|bias)", r"norm1.\1"),
+    (r"layer_norm2\.(weight|bias)", r"norm2.\1"),
+    (r"self_attn\.out_proj\.(weight|bias)", r"attn.proj.\1"),
+    (r"self_attn\.(q|k|v)_proj\.(weight|bias)", r"attn.\1_proj.\2"),
+    (r"mlp\.(fc1|fc2)\.(weight|bias)", r"mlp.\1.\2"),
+]
+
+
+def _rename_table() -> list[tuple[str, str]]:
+    table = []
+    for hf_prefix, ours in (("vision_model", "visual"), ("text_model", "text")):
+        for pattern, repl in _BLOCK_RENAMES:
+            # shift the group numbers of the block rule by one: group 1 is the layer index
+            shifted = repl.replace(r"\2", r"\3").replace(r"\1", r"\2")
+            table.append((rf"{hf_prefix}\.encoder\.layers\.(\d+)\.{pattern}", rf"{ours}.transformer.blocks.\1.{shifted}"))
+    table += [
+        (r"vision_model\.embeddings\.patch_embedding\.(weight|bias)", r"visual.patch_embed.\1"),
+        (r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"),
+        (r"vision_model\.embeddings\.position_embedding\.weight", "visual.pos_embed"),
+        (r"vision_model\.pre_layrnorm\.(weight|bias)", r"visual.norm_pre.\1"),
+        (r"vision_model\.post_layernorm\.(weight|bias)", r"visual.norm.\1"),
+        (r"vision_model\.head\.probe", "visual.head.probe"),
+        (r"vision_model\.head\.attention\.out_proj\.(weight|bias)", r"visual.head.attn.proj.\1"),
+        (r"vision_model\.head\.attention\.in_proj_(weight|bias)", r"visual.head.attn.in_proj_\1"),
+        (r"vision_model\.head\.layernorm\.(weight|bias)", r"visual.head.norm.\1"),
+        (r"vision_model\.head\.mlp\.(fc1|fc2)\.(weight|bias)", r"visual.head.mlp.\1.\2"),
+        (r"visual_projection\.weight", "visual.proj.weight"),
+        (r"text_model\.embeddings\.token_embedding\.weight", "text.token_embedding.weight"),
+        (r"text_model\.embeddings\.position_embedding\.weight", "text.pos_embed"),
+        (r"text_model\.final_layer_norm\.(weight|bias)", r"text.norm.\1"),
+        (r"text_model\.head\.(weight|bias)", r"text.proj.\1"),
+        (r"text_projection\.weight", "text.proj.weight"),
+    ]
+    return table
+
+
+RENAMES = _rename_table()
+# buffers that older transformers versions saved; they carry no weights
+IGNORED = (r".*\.position_ids",)
+
+
+def _merged(defaults: dict[str, Any], given: dict[str, Any] | None) -> dict[str, Any]:
+    return {**defaults, **{k: v for k, v in (given or {}).items() if v is not None}}
+
+
+def _activation(name: str) -> str:
+    if name not in _ACTIVATIONS:
+        raise CheckpointError(f"activation {name!r} of this checkpoint is not supported ({sorted(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
+
+
+def config_from_hf(hf_config: dict[str, Any]) -> DualEncoderConfig:
+    model_type = hf_config.get("model_type")
+    if model_type not in _DEFAULTS:
+        raise CheckpointError(
+            f"config.json has model_type {model_type!r}; polyclip reads transformers 'clip' and 'siglip' folders"
+        )
+    defaults = _DEFAULTS[model_type]
+    text = _merged(defaults["text"], hf_config.get("text_config"))
+    vision = _merged(defaults["vision"], hf_config.get("vision_config"))
+    top = _merged(defaults["top"], hf_config)
+    if model_type == "clip":
+        eos = text.get("eos_token_id")
+        # configs saved before transformers 4.31 record eos_token_id=2 and pool at the argmax id
+        pool = "argmax" if eos in (None, 2) else "eos"
+        return DualEncoderConfig(
+            embed_dim=top["projection_dim"],
+            vision=VisionConfig(
+                image_size=vision["image_size"], patch_size=vision["patch_size"], width=vision["hidden_size"],
+                layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
+                mlp_dim=vision["intermediate_size"], act=_activation(vision["hidden_act"]),
+                norm_eps=vision["layer_norm_eps"],
+            ),
+            text=TextConfig(
+                vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
+                width=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
+                mlp_dim=text["intermediate_size"], act=_activation(text["hidden_act"]),
+                norm_eps=text["layer_norm_eps"], pool=pool, eos_token_id=eos if eos is not None else 49407,
+            ),
+            init_logit_scale=top["logit_scale_init_value"],
+        )
+    projection = text.get("projection_size") or text["hidden_size"]
+    if projection != vision["hidden_size"]:
+        raise CheckpointError("SigLIP text projection size differs from the vision width; not supported")
+    return DualEncoderConfig(
+        embed_dim=vision["hidden_size"],
+        vision=VisionConfig(
+            image_size=vision["image_size"], patch_size=vision["patch_size"], width=vision["hidden_size"],
+            layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
+            mlp_dim=vision["intermediate_size"], act=_activation(vision["hidden_act"]),
+            norm_eps=vision["layer_norm_eps"], pool="map", class_token=False, pre_norm=False, patch_bias=True,
+            projection=False,
+        ),
+        text=TextConfig(
+            vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
+            width=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
+            mlp_dim=text["intermediate_size"], act=_activation(text["hidden_act"]),
+            norm_eps=text["layer_norm_eps"], causal=False, pool="last", eos_token_id=1,
+            projection=True, projection_bias=True,
+        ),
+        init_logit_scale=0.0,
+        init_logit_bias=0.0,
+    )
+
+
+def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers key names -> polyclip key names."""
+    out = rename_keys(state_dict, RENAMES, ignore=IGNORED)
+    fuse_all_qkv(out, r"(visual|text)\.transformer\.blocks\.\d+\.attn")
+    for kind in ("weight", "bias"):
+        fused = out.pop(f"visual.head.attn.in_proj_{kind}", None)
+        if fused is not None:
+            width = fused.shape[0] // 3
+            out[f"visual.head.attn.q.{kind}"], out[f"visual.head.attn.kv.{kind}"] = split_rows(
+                fused, [width, 2 * width]
+            )
+    for name in ("logit_scale", "logit_bias"):
+        if name in out:
+            out[name] = out[name].reshape(())  # SiglipModel stores shape (1,)
+    return out
+
+
+def find_weight_files(folder: Path) -> list[Path]:
+    """The weight files of a transformers folder, safetensors first; sharded indexes resolved."""
+    for single, index in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            return [folder / name for name in sorted(set(weight_map.values()))]
+    raise CheckpointError(
+        f"{folder} has a config.json but no model.safetensors, pytorch_model.bin or sharded index"
+    )
+
+
+def preprocess_from_hf(folder: Path, model_type: str, image_size: int) -> dict[str, Any]:
+    """PreprocessConfig fields from preprocessor_config.json (or transformers' defaults)."""
+    path = folder / "preprocessor_config.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(data.get("resample", 3), "bicubic")
+    if model_type == "siglip":
+        size = data.get("size", {}).get("height", image_size)
+        mean, std = data.get("image_mean", [0.5] * 3), data.get("image_std", [0.5] * 3)
+        return dict(image_size=size, resize_mode="squash", interpolation=resample, mean=tuple(mean), std=tuple(std))
+    size = data.get("crop_size", {})
+    size = size.get("height", image_size) if isinstance(size, dict) else size
+    shortest = data.get("size", {})
+    shortest = shortest.get("shortest_edge", size) if isinstance(shortest, dict) else shortest
+    mean = data.get("image_mean", [0.48145466, 0.4578275, 0.40821073])
+    std = data.get("image_std", [0.26862954, 0.26130258, 0.27577711])
+    return dict(
+        image_size=size,
+        resize_mode="shortest" if data.get("do_center_crop", True) else "squash",
+        interpolation=resample,
+        crop_pct=size / shortest if shortest else 1.0,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def read_hf(folder: Path) -> Checkpoint:
+    hf_config = json.loads((folder / "config.json").read_text())
+    config = config_from_hf(hf_config)
+    state_dict: dict[str, torch.Tensor] = {}
+    for path in find_weight_files(folder):
+        state_dict.update(read_weights(path))
+    return Checkpoint(
+        format="hf",
+        config=config,
+        state_dict=convert_state_dict(state_dict),
+        preprocess=preprocess_from_hf(folder, hf_config["model_type"], config.vision.image_size),
+        tokenizer=None,  # read from the folder's tokenizer files by the loader
+        source=folder,
+    )

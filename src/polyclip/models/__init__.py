@@ -1,0 +1,17 @@
+"""Architectures only: towers and the dual encoder, configured by dataclasses."""
+
+from polyclip.models.architectures import create_model, get_architecture, list_architectures
+from polyclip.models.config import ConfigError, DualEncoderConfig, TextConfig, VisionConfig
+from polyclip.models.dual_encoder import DualEncoder, DualEncoderOutput
+
+__all__ = [
+    "ConfigError",
+    "DualEncoder",
+    "DualEncoderConfig",
+    "DualEncoderOutput",
+    "TextConfig",
+    "VisionConfig",
+    "create_model",
+    "get_architecture",
+    "list_architectures",
+]
