@@ -1,0 +1,3 @@
+from polyclip.cli import main
+
+main()

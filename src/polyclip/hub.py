@@ -1,0 +1,142 @@
+"""Released checkpoints by name (``registry.toml``) and their download through huggingface_hub.
+
+With a network, a registry name or ``hf-hub:org/repo`` downloads into huggingface_hub's cache.
+Offline (no network, or ``HF_HUB_OFFLINE=1``) the cache is used; if the files are not there the error
+says what to download and where to put it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+class ModelNotFoundError(LookupError):
+    """A name is neither a registry entry, a hub id nor a local path, or its files are unavailable."""
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    name: str
+    hub_id: str
+    format: str
+    architecture: str
+    preprocess: str | dict[str, Any]
+    tokenizer: dict[str, Any]
+    license: str
+    system: str = ""
+    task: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, RegistryEntry]:
+    text = resources.files("polyclip").joinpath("registry.toml").read_text()
+    entries = {}
+    for name, data in tomllib.loads(text).items():
+        known = {k: data.pop(k) for k in list(data) if k in RegistryEntry.__dataclass_fields__}
+        entries[name] = RegistryEntry(name=name, extra=data, **known)
+    return entries
+
+
+def list_models() -> list[str]:
+    return sorted(registry())
+
+
+# Which files each format needs from a hub repository
+_PATTERNS = {
+    "hf": ["config.json", "preprocessor_config.json", "tokenizer*", "vocab.json", "merges.txt",
+           "special_tokens_map.json", "spiece.model"],
+    "open_clip": ["open_clip_config.json"],
+    "flax": ["config.json", "flax_model.msgpack", "preprocessor_config.json"],
+}
+_WEIGHTS = {
+    "hf": ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "pytorch_model.bin",
+           "pytorch_model.bin.index.json", "pytorch_model-*.bin"],
+    "open_clip": ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"],
+    "flax": [],
+}
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _weight_patterns(repo_id: str, format: str) -> list[str]:
+    """Prefer safetensors: ask the hub which weight files exist, so a repo's .bin twin is not fetched too."""
+    candidates = _WEIGHTS.get(format, [])
+    try:
+        from huggingface_hub import list_repo_files
+
+        files = set(list_repo_files(repo_id))
+    except Exception:
+        return candidates
+    safetensors = [p for p in candidates if "safetensors" in p]
+    import fnmatch
+
+    if any(fnmatch.fnmatch(f, p) for f in files for p in safetensors):
+        return safetensors
+    return candidates
+
+
+def download(repo_id: str, format: str = "hf", name: str | None = None) -> Path:
+    """Local folder holding the repo's files for ``format``: downloaded, or from the cache offline."""
+    from huggingface_hub import snapshot_download
+
+    patterns = _PATTERNS.get(format, ["*"])
+    label = f"{name!r} ({repo_id})" if name else repo_id
+    if not _offline():
+        try:
+            return Path(snapshot_download(repo_id, allow_patterns=patterns + _weight_patterns(repo_id, format)))
+        except Exception as error:  # no network, or the hub refused: try the cache before giving up
+            online_error = error
+    else:
+        online_error = None
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns + _WEIGHTS.get(format, []),
+                                      local_files_only=True))
+    except Exception:
+        pass
+    reason = f" ({type(online_error).__name__}: {str(online_error).splitlines()[0][:200]})" if online_error else ""
+    raise ModelNotFoundError(
+        f"model {label} is not in the local Hugging Face cache and the hub cannot be reached{reason}.\n"
+        f"Download it where a network exists:  hf download {repo_id}\n"
+        "then copy the cache folder (~/.cache/huggingface/hub, or $HF_HOME/hub) to this machine, "
+        "or download into a folder and pass that folder's path to polyclip.load()."
+    )
+
+
+def resolve(name_or_path: str | os.PathLike) -> tuple[Path, RegistryEntry | None, str | None]:
+    """(local path, registry entry or None, format or None) for a registry name, hub id or path."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        return path, None, None
+    entries = registry()
+    if text in entries:
+        entry = entries[text]
+        return download(entry.hub_id, entry.format, name=text), entry, entry.format
+    if text.startswith("hf-hub:"):
+        repo_id = text.removeprefix("hf-hub:").strip("/")
+        for format in ("open_clip", "hf"):
+            try:
+                folder = download(repo_id, format)
+            except ModelNotFoundError:
+                if format == "hf":
+                    raise
+                continue
+            if any(folder.iterdir()):
+                return folder, None, None
+    import difflib
+
+    close = difflib.get_close_matches(text, list(entries), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ModelNotFoundError(
+        f"{text!r} is not a local path, a registry name or an 'hf-hub:org/repo' id.{hint} "
+        "`polyclip models` lists the registry."
+    )
