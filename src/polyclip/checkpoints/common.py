@@ -100,11 +100,11 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sou
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors or pickle state dict (pickles read with weights_only=True: nothing is executed)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from polyclip.checkpoints.safetensors_io import SafetensorsError, read_safetensors
 
         try:
-            return load_file(str(path))
-        except Exception as error:  # safetensors raises its own error types
+            return read_safetensors(path)
+        except (SafetensorsError, KeyError, TypeError) as error:
             raise CheckpointError(f"cannot read safetensors file {path}: {error}") from error
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
