@@ -1,8 +1,8 @@
 """polyclip: one toolkit for CLIP and the models built on it.
 
-    model, preprocess, tokenizer = polyclip.load("clip-vit-b-32")
-    classifier = polyclip.zero_shot_classifier(model, tokenizer, ["cat", "dog"], preprocess=preprocess)
-    probs = classifier.predict([image])
+model, preprocess, tokenizer = polyclip.load("clip-vit-b-32")
+classifier = polyclip.zero_shot_classifier(model, tokenizer, ["cat", "dog"], preprocess=preprocess)
+probs = classifier.predict([image])
 """
 
 from __future__ import annotations

@@ -35,8 +35,16 @@ def _write_part(folder: Path, index: int, key: str, keys: list[str], embeddings:
     tmp.replace(folder / f"part-{index:06d}.parquet")
 
 
-def embed_to_parquet(model_name: str, out: Path, paths: list[Path], text_file: Path | None, batch_size: int = 32,
-                     workers: int | None = None, dtype: str | None = None, rows_per_part: int = 1024) -> dict[str, Any]:
+def embed_to_parquet(
+    model_name: str,
+    out: Path,
+    paths: list[Path],
+    text_file: Path | None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    dtype: str | None = None,
+    rows_per_part: int = 1024,
+) -> dict[str, Any]:
     import polyclip
     from polyclip.encode import embed_images, list_images
     from polyclip.zero_shot import encode_texts
@@ -49,8 +57,10 @@ def embed_to_parquet(model_name: str, out: Path, paths: list[Path], text_file: P
     manifest = {"model": str(model_name), "key": key}
     manifest_path = parts / "manifest.json"
     if manifest_path.is_file() and json.loads(manifest_path.read_text()) != manifest:
-        raise ValueError(f"{parts} holds an unfinished run with another model or input kind "
-                         f"({manifest_path.read_text().strip()}); remove it or use another --out")
+        raise ValueError(
+            f"{parts} holds an unfinished run with another model or input kind "
+            f"({manifest_path.read_text().strip()}); remove it or use another --out"
+        )
     manifest_path.write_text(json.dumps(manifest))
 
     if text_file is not None:
@@ -93,7 +103,9 @@ def embed_to_parquet(model_name: str, out: Path, paths: list[Path], text_file: P
                     bar.update(len(chunk))
             else:
                 with failures_path.open("a") as failure_log:
-                    for ok, embeddings, failed in embed_images(model, preprocess, todo, batch_size, workers=workers):
+                    for ok, embeddings, failed in embed_images(
+                        model, preprocess, todo, batch_size, workers=workers
+                    ):
                         buffer_keys += ok
                         buffer_vectors.append(embeddings)
                         for item in failed:
@@ -113,5 +125,9 @@ def embed_to_parquet(model_name: str, out: Path, paths: list[Path], text_file: P
     pq.write_table(table, tmp)
     tmp.replace(out)
     shutil.rmtree(parts)
-    return {"rows": table.num_rows, "new": len(todo) - len([f for f in failures if f[0] in set(todo)]),
-            "resumed": len(done), "failures": failures}
+    return {
+        "rows": table.num_rows,
+        "new": len(todo) - len([f for f in failures if f[0] in set(todo)]),
+        "resumed": len(done),
+        "failures": failures,
+    }

@@ -50,7 +50,11 @@ def _decode(preprocess: Callable, path: str) -> torch.Tensor | str:
 
 
 def iter_image_batches(
-    paths: Sequence[str], preprocess: Callable, batch_size: int = 32, workers: int | None = None, prefetch: int = 2
+    paths: Sequence[str],
+    preprocess: Callable,
+    batch_size: int = 32,
+    workers: int | None = None,
+    prefetch: int = 2,
 ) -> Iterator[ImageBatch]:
     """Decoded, preprocessed batches in input order; ``prefetch`` batches are decoded ahead."""
     workers = workers or min(4, os.cpu_count() or 1)
@@ -81,7 +85,11 @@ def _collect(chunk: Sequence[str], futures) -> ImageBatch:
 
 @torch.inference_mode()
 def embed_images(
-    model, preprocess: Callable, paths: Sequence[str], batch_size: int = 32, normalize: bool = True,
+    model,
+    preprocess: Callable,
+    paths: Sequence[str],
+    batch_size: int = 32,
+    normalize: bool = True,
     workers: int | None = None,
 ) -> Iterator[tuple[list[str], torch.Tensor, list[tuple[str, str]]]]:
     """Yields (paths, embeddings (B, E) float32 on CPU, failures) per batch."""

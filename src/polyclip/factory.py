@@ -16,8 +16,14 @@ from polyclip.models import DualEncoder, DualEncoderConfig, create_model, get_ar
 from polyclip.tokenizers import build_tokenizer, tokenizer_from_hf_folder
 from polyclip.transforms import PRESETS, ImageTransform, PreprocessConfig, build_preprocess
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def load(
@@ -62,7 +68,9 @@ def finalize(
         if quantize != "int8":
             raise ValueError(f"quantize={quantize!r} is not supported; the supported mode is 'int8'")
         if model.device.type != "cpu" or model.dtype != torch.float32:
-            raise ValueError("int8 dynamic quantisation runs on CPU from fp32 weights (device='cpu', dtype=None)")
+            raise ValueError(
+                "int8 dynamic quantisation runs on CPU from fp32 weights (device='cpu', dtype=None)"
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch marks the eager quantisation API deprecated
             from torch.ao.quantization import quantize_dynamic
@@ -74,8 +82,13 @@ def finalize(
     return model
 
 
-def save(model: DualEncoder, preprocess: ImageTransform | PreprocessConfig | dict | None, tokenizer: Any,
-         directory: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+def save(
+    model: DualEncoder,
+    preprocess: ImageTransform | PreprocessConfig | dict | None,
+    tokenizer: Any,
+    directory: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write polyclip's own folder (``polyclip_config.json`` + ``model.safetensors``)."""
     if isinstance(preprocess, ImageTransform):
         preprocess = preprocess.config
@@ -95,7 +108,11 @@ def default_preprocess(config: DualEncoderConfig) -> dict[str, Any]:
 def _preprocess_config(entry: RegistryEntry | None, recorded: dict | None, config: DualEncoderConfig):
     if entry is not None:
         spec = entry.preprocess
-        return PRESETS[spec].to_dict() | {"image_size": config.vision.image_size} if isinstance(spec, str) else spec
+        return (
+            PRESETS[spec].to_dict() | {"image_size": config.vision.image_size}
+            if isinstance(spec, str)
+            else spec
+        )
     return recorded or default_preprocess(config)
 
 
@@ -119,7 +136,8 @@ def _check_architecture(entry: RegistryEntry, config: DualEncoderConfig) -> None
     """A registry entry names the architecture its weights must build; refuse anything else."""
     expected = get_architecture(entry.architecture)
     vision_fields = ("kind", "image_size") + (
-        ("resnet_layers", "resnet_width") if expected.vision.kind == "resnet"
+        ("resnet_layers", "resnet_width")
+        if expected.vision.kind == "resnet"
         else ("patch_size", "width", "layers", "heads", "pool")
     )
     fields = {"vision": vision_fields, "text": ("vocab_size", "width", "layers", "heads", "causal")}

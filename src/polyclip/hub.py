@@ -50,21 +50,48 @@ def list_models() -> list[str]:
 
 # Which files each format needs from a hub repository
 _PATTERNS = {
-    "hf": ["config.json", "preprocessor_config.json", "tokenizer*", "vocab.json", "merges.txt",
-           "special_tokens_map.json", "spiece.model"],
+    "hf": [
+        "config.json",
+        "preprocessor_config.json",
+        "tokenizer*",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+        "spiece.model",
+    ],
     "open_clip": ["open_clip_config.json"],
     "flax": ["config.json", "flax_model.msgpack", "preprocessor_config.json"],
 }
 _WEIGHTS = {
-    "hf": ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors", "pytorch_model.bin",
-           "pytorch_model.bin.index.json", "pytorch_model-*.bin"],
+    "hf": [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "model-*.safetensors",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "pytorch_model-*.bin",
+    ],
     "open_clip": ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"],
     "flax": [],
 }
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    """True when HF_HUB_OFFLINE is set or the hub's host cannot be reached within a few seconds.
+
+    Asking first spares a user without a network huggingface_hub's retries (tens of seconds).
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
 
 
 def _weight_patterns(repo_id: str, format: str) -> list[str]:
@@ -89,20 +116,36 @@ def download(repo_id: str, format: str = "hf", name: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = _PATTERNS.get(format, ["*"])
+    # read at call time: huggingface_hub reads its environment once, at import
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
     label = f"{name!r} ({repo_id})" if name else repo_id
+    try:  # a complete cached snapshot needs no network
+        cached = Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=patterns + _WEIGHTS.get(format, []),
+                local_files_only=True,
+                cache_dir=cache_dir,
+            )
+        )
+        if any(cached.glob("*.safetensors")) or any(cached.glob("*.bin")) or any(cached.glob("*.msgpack")):
+            return cached
+    except Exception:
+        pass
     if not _offline():
         try:
-            return Path(snapshot_download(repo_id, allow_patterns=patterns + _weight_patterns(repo_id, format)))
+            return Path(
+                snapshot_download(
+                    repo_id, allow_patterns=patterns + _weight_patterns(repo_id, format), cache_dir=cache_dir
+                )
+            )
         except Exception as error:  # no network, or the hub refused: try the cache before giving up
             online_error = error
     else:
         online_error = None
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns + _WEIGHTS.get(format, []),
-                                      local_files_only=True))
-    except Exception:
-        pass
-    reason = f" ({type(online_error).__name__}: {str(online_error).splitlines()[0][:200]})" if online_error else ""
+    reason = (
+        f" ({type(online_error).__name__}: {str(online_error).splitlines()[0][:200]})" if online_error else ""
+    )
     raise ModelNotFoundError(
         f"model {label} is not in the local Hugging Face cache and the hub cannot be reached{reason}.\n"
         f"Download it where a network exists:  hf download {repo_id}\n"

@@ -24,6 +24,23 @@ class QuickGELU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
 
+    @staticmethod
+    def forward_inplace(x: torch.Tensor) -> torch.Tensor:
+        return x.mul_(torch.sigmoid(x * 1.702))
+
+
+def _activation_inplace(activation: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply an activation overwriting ``x`` (inference only): one buffer instead of several.
+
+    Large CPU buffers are fresh pages on every allocation, so at batch 32 a MLP's out-of-place
+    activation spends more time faulting pages in than computing.
+    """
+    if isinstance(activation, QuickGELU):
+        return QuickGELU.forward_inplace(x)
+    if isinstance(activation, nn.ReLU):
+        return x.relu_()
+    return activation(x)
+
 
 ACTIVATIONS = {
     "quick_gelu": QuickGELU,
@@ -71,7 +88,10 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.fc1(x)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return self.fc2(self.act(hidden))
+        return self.fc2(_activation_inplace(self.act, hidden))
 
 
 class Block(nn.Module):
@@ -85,8 +105,12 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_dim, act)
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            x = x + self.attn(self.norm1(x), is_causal=is_causal)
+            return x + self.mlp(self.norm2(x))
+        # inference: the residual stream is the block's own tensor, updated in place
         x = x + self.attn(self.norm1(x), is_causal=is_causal)
-        return x + self.mlp(self.norm2(x))
+        return x.add_(self.mlp(self.norm2(x)))
 
 
 class Transformer(nn.Module):

@@ -36,7 +36,9 @@ def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
     templates = list(templates)
     bad = [t for t in templates if "{}" not in t]
     if not templates or bad:
-        raise ValueError(f"every template needs a '{{}}' placeholder for the class name; got {bad or templates}")
+        raise ValueError(
+            f"every template needs a '{{}}' placeholder for the class name; got {bad or templates}"
+        )
     return templates
 
 
@@ -73,20 +75,31 @@ class ZeroShotClassifier:
     """``predict(images)`` -> (B, C) probabilities; images as a (B, 3, H, W) tensor, or PIL images/paths
     when built with ``preprocess``."""
 
-    def __init__(self, model, tokenizer, class_names: Sequence[str], templates=None, preprocess=None,
-                 batch_size: int = 256):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        class_names: Sequence[str],
+        templates=None,
+        preprocess=None,
+        batch_size: int = 256,
+    ):
         self.model = model
         self.preprocess = preprocess
         self.class_names = list(class_names)
         self.templates = resolve_templates(templates)
-        self.weights = class_embeddings(model, tokenizer, self.class_names, self.templates, batch_size)  # (C, E)
+        self.weights = class_embeddings(
+            model, tokenizer, self.class_names, self.templates, batch_size
+        )  # (C, E)
         self.sigmoid = model.logit_bias is not None
 
     def _pixels(self, images) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
             return images if images.dim() == 4 else images.unsqueeze(0)
         if self.preprocess is None:
-            raise ValueError("pass a (B, 3, H, W) tensor, or build the classifier with preprocess= for images")
+            raise ValueError(
+                "pass a (B, 3, H, W) tensor, or build the classifier with preprocess= for images"
+            )
         return torch.stack([self.preprocess(image) for image in images])
 
     @torch.inference_mode()
@@ -95,7 +108,9 @@ class ZeroShotClassifier:
         return self._logits(features)
 
     def _logits(self, features: torch.Tensor) -> torch.Tensor:
-        scale = self.model.logit_scale.detach().float().cpu().clamp(max=self.model.config.logit_scale_max).exp()
+        scale = (
+            self.model.logit_scale.detach().float().cpu().clamp(max=self.model.config.logit_scale_max).exp()
+        )
         logits = scale * features @ self.weights.T  # (B, C)
         if self.sigmoid:
             logits = logits + self.model.logit_bias.detach().float().cpu()
@@ -108,9 +123,13 @@ class ZeroShotClassifier:
     def top_k(self, images, k: int = 5) -> list[list[tuple[str, float]]]:
         probs = self.predict(images)
         values, index = probs.topk(min(k, len(self.class_names)), dim=-1)
-        return [[(self.class_names[i], float(v)) for v, i in zip(row_v, row_i)] for row_v, row_i in zip(values, index)]
+        return [
+            [(self.class_names[i], float(v)) for v, i in zip(row_v, row_i)]
+            for row_v, row_i in zip(values, index)
+        ]
 
 
-def zero_shot_classifier(model, tokenizer, class_names: Sequence[str], templates=None, preprocess=None,
-                         batch_size: int = 256) -> ZeroShotClassifier:
+def zero_shot_classifier(
+    model, tokenizer, class_names: Sequence[str], templates=None, preprocess=None, batch_size: int = 256
+) -> ZeroShotClassifier:
     return ZeroShotClassifier(model, tokenizer, class_names, templates, preprocess, batch_size)

@@ -28,19 +28,50 @@ from polyclip.models import DualEncoderConfig, TextConfig, VisionConfig
 # transformers' defaults for what config.json may leave out
 _DEFAULTS = {
     "clip": {
-        "text": dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                     num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
-                     layer_norm_eps=1e-5, eos_token_id=49407),
-        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5),
+        "text": dict(
+            vocab_size=49408,
+            hidden_size=512,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=8,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+            eos_token_id=49407,
+        ),
+        "vision": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        ),
         "top": dict(projection_dim=512, logit_scale_init_value=2.6592),
     },
     "siglip": {
-        "text": dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                     num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
-                     layer_norm_eps=1e-6),
-        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+        "text": dict(
+            vocab_size=32000,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=64,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+        ),
+        "vision": dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+        ),
         "top": dict(),
     },
 }
@@ -69,7 +100,12 @@ def _rename_table() -> list[tuple[str, str]]:
         for pattern, repl in _BLOCK_RENAMES:
             # shift the group numbers of the block rule by one: group 1 is the layer index
             shifted = repl.replace(r"\2", r"\3").replace(r"\1", r"\2")
-            table.append((rf"{hf_prefix}\.encoder\.layers\.(\d+)\.{pattern}", rf"{ours}.transformer.blocks.\1.{shifted}"))
+            table.append(
+                (
+                    rf"{hf_prefix}\.encoder\.layers\.(\d+)\.{pattern}",
+                    rf"{ours}.transformer.blocks.\1.{shifted}",
+                )
+            )
     table += [
         (r"vision_model\.embeddings\.patch_embedding\.(weight|bias)", r"visual.patch_embed.\1"),
         (r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"),
@@ -102,7 +138,9 @@ def _merged(defaults: dict[str, Any], given: dict[str, Any] | None) -> dict[str,
 
 def _activation(name: str) -> str:
     if name not in _ACTIVATIONS:
-        raise CheckpointError(f"activation {name!r} of this checkpoint is not supported ({sorted(_ACTIVATIONS)})")
+        raise CheckpointError(
+            f"activation {name!r} of this checkpoint is not supported ({sorted(_ACTIVATIONS)})"
+        )
     return _ACTIVATIONS[name]
 
 
@@ -123,16 +161,26 @@ def config_from_hf(hf_config: dict[str, Any]) -> DualEncoderConfig:
         return DualEncoderConfig(
             embed_dim=top["projection_dim"],
             vision=VisionConfig(
-                image_size=vision["image_size"], patch_size=vision["patch_size"], width=vision["hidden_size"],
-                layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
-                mlp_dim=vision["intermediate_size"], act=_activation(vision["hidden_act"]),
+                image_size=vision["image_size"],
+                patch_size=vision["patch_size"],
+                width=vision["hidden_size"],
+                layers=vision["num_hidden_layers"],
+                heads=vision["num_attention_heads"],
+                mlp_dim=vision["intermediate_size"],
+                act=_activation(vision["hidden_act"]),
                 norm_eps=vision["layer_norm_eps"],
             ),
             text=TextConfig(
-                vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
-                width=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
-                mlp_dim=text["intermediate_size"], act=_activation(text["hidden_act"]),
-                norm_eps=text["layer_norm_eps"], pool=pool, eos_token_id=eos if eos is not None else 49407,
+                vocab_size=text["vocab_size"],
+                context_length=text["max_position_embeddings"],
+                width=text["hidden_size"],
+                layers=text["num_hidden_layers"],
+                heads=text["num_attention_heads"],
+                mlp_dim=text["intermediate_size"],
+                act=_activation(text["hidden_act"]),
+                norm_eps=text["layer_norm_eps"],
+                pool=pool,
+                eos_token_id=eos if eos is not None else 49407,
             ),
             init_logit_scale=top["logit_scale_init_value"],
         )
@@ -142,18 +190,34 @@ def config_from_hf(hf_config: dict[str, Any]) -> DualEncoderConfig:
     return DualEncoderConfig(
         embed_dim=vision["hidden_size"],
         vision=VisionConfig(
-            image_size=vision["image_size"], patch_size=vision["patch_size"], width=vision["hidden_size"],
-            layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
-            mlp_dim=vision["intermediate_size"], act=_activation(vision["hidden_act"]),
-            norm_eps=vision["layer_norm_eps"], pool="map", class_token=False, pre_norm=False, patch_bias=True,
+            image_size=vision["image_size"],
+            patch_size=vision["patch_size"],
+            width=vision["hidden_size"],
+            layers=vision["num_hidden_layers"],
+            heads=vision["num_attention_heads"],
+            mlp_dim=vision["intermediate_size"],
+            act=_activation(vision["hidden_act"]),
+            norm_eps=vision["layer_norm_eps"],
+            pool="map",
+            class_token=False,
+            pre_norm=False,
+            patch_bias=True,
             projection=False,
         ),
         text=TextConfig(
-            vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
-            width=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
-            mlp_dim=text["intermediate_size"], act=_activation(text["hidden_act"]),
-            norm_eps=text["layer_norm_eps"], causal=False, pool="last", eos_token_id=1,
-            projection=True, projection_bias=True,
+            vocab_size=text["vocab_size"],
+            context_length=text["max_position_embeddings"],
+            width=text["hidden_size"],
+            layers=text["num_hidden_layers"],
+            heads=text["num_attention_heads"],
+            mlp_dim=text["intermediate_size"],
+            act=_activation(text["hidden_act"]),
+            norm_eps=text["layer_norm_eps"],
+            causal=False,
+            pool="last",
+            eos_token_id=1,
+            projection=True,
+            projection_bias=True,
         ),
         init_logit_scale=0.0,
         init_logit_bias=0.0,
@@ -201,7 +265,9 @@ def preprocess_from_hf(folder: Path, model_type: str, image_size: int) -> dict[s
     if model_type == "siglip":
         size = data.get("size", {}).get("height", image_size)
         mean, std = data.get("image_mean", [0.5] * 3), data.get("image_std", [0.5] * 3)
-        return dict(image_size=size, resize_mode="squash", interpolation=resample, mean=tuple(mean), std=tuple(std))
+        return dict(
+            image_size=size, resize_mode="squash", interpolation=resample, mean=tuple(mean), std=tuple(std)
+        )
     size = data.get("crop_size", {})
     size = size.get("height", image_size) if isinstance(size, dict) else size
     shortest = data.get("size", {})

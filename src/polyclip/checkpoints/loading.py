@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from polyclip.checkpoints.common import Checkpoint, CheckpointError, load_strict
-from polyclip.models import DualEncoder
+from polyclip.models import DualEncoder, DualEncoderConfig
 
 FORMATS = ("native", "hf", "open_clip", "openai", "flax")
 
@@ -27,8 +27,12 @@ def detect_format(path: Path) -> str:
         if (path / "config.json").is_file():
             has_torch = any(
                 (path / name).is_file()
-                for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                             "pytorch_model.bin.index.json")
+                for name in (
+                    "model.safetensors",
+                    "pytorch_model.bin",
+                    "model.safetensors.index.json",
+                    "pytorch_model.bin.index.json",
+                )
             )
             if has_torch:
                 return "hf"
@@ -76,12 +80,25 @@ def read_checkpoint(path: str | Path, format: str | None = None) -> Checkpoint:
 
 def build_model(checkpoint: Checkpoint) -> DualEncoder:
     """The model with the checkpoint's weights, created on the meta device so weights are held once."""
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
+    keep_released_logit_scale(checkpoint.config, state_dict)
     with torch.device("meta"):
         model = DualEncoder(checkpoint.config)
-    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint.state_dict.items()}
     checkpoint.state_dict = {}  # drop the reference: the model now owns the tensors
     load_strict(model, state_dict, str(checkpoint.source))
     return model.eval()
+
+
+def keep_released_logit_scale(config: DualEncoderConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise the config's logit-scale cap to the checkpoint's own value when it is above it.
+
+    The references apply ``exp(logit_scale)`` unclamped at inference; OpenAI's fp16 archives store
+    log(100) rounded up (4.6055 > 4.6052) and released SigLIP checkpoints learned values above log(100),
+    so the default cap would change their logits.
+    """
+    scale = state_dict.get("logit_scale")
+    if scale is not None and scale.numel() == 1 and float(scale) > config.logit_scale_max:
+        config.logit_scale_max = float(scale)
 
 
 def is_torchscript_archive(path: Path) -> bool:

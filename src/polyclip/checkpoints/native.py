@@ -24,7 +24,9 @@ def read_native(folder: Path) -> Checkpoint:
     data = json.loads((folder / CONFIG_NAME).read_text())
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: format_version {version!r}, this polyclip reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{folder / CONFIG_NAME}: format_version {version!r}, this polyclip reads {FORMAT_VERSION}"
+        )
     if not (folder / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     return Checkpoint(
@@ -52,7 +54,12 @@ def write_native(
     tmp = folder / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(folder / WEIGHTS_NAME)  # atomic: a killed save never leaves a half-written file
-    record = {"format_version": FORMAT_VERSION, "model": config.to_dict(), "preprocess": preprocess,
-              "tokenizer": tokenizer, **(extra or {})}
+    record = {
+        "format_version": FORMAT_VERSION,
+        "model": config.to_dict(),
+        "preprocess": preprocess,
+        "tokenizer": tokenizer,
+        **(extra or {}),
+    }
     (folder / CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
     return folder

@@ -15,8 +15,15 @@ from pathlib import Path
 import torch
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -53,7 +60,11 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
                 raise SafetensorsError(f"{path}: tensor {name} has inconsistent offsets (file truncated?)")
             file.seek(base + start)
             if nbytes:
-                view = tensor.view(-1).view(torch.uint8).numpy() if dtype != torch.bool else tensor.numpy().view("u1")
+                view = (
+                    tensor.view(-1).view(torch.uint8).numpy()
+                    if dtype != torch.bool
+                    else tensor.numpy().view("u1")
+                )
                 if file.readinto(memoryview(view).cast("B")) != nbytes:
                     raise SafetensorsError(f"{path}: unexpected end of file in tensor {name}")
             tensors[name] = tensor

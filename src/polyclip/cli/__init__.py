@@ -23,7 +23,14 @@ for _name in COMMAND_MODULES:
         importlib.import_module(f"polyclip.cli.{_name}").register(app)
 
 # A user's mistake (a bad path, a wrong checkpoint, an unreadable image) is reported in one line.
-USER_ERRORS = (ValueError, LookupError, FileNotFoundError, NotADirectoryError, PermissionError, NotImplementedError)
+USER_ERRORS = (
+    ValueError,
+    LookupError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    NotImplementedError,
+)
 
 
 def main() -> None:

@@ -12,7 +12,9 @@ from rich.table import Table
 
 console = Console()
 
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="registry name, hf-hub:org/repo, or a local path")]
+ModelOption = Annotated[
+    str, typer.Option("--model", "-m", help="registry name, hf-hub:org/repo, or a local path")
+]
 
 
 def register(app: typer.Typer) -> None:
@@ -28,9 +30,22 @@ def models(json_output: Annotated[bool, typer.Option("--json", help="print JSON"
 
     entries = registry()
     if json_output:
-        typer.echo(json.dumps({n: {"hub_id": e.hub_id, "format": e.format, "architecture": e.architecture,
-                                   "license": e.license, "system": e.system, "task": e.task}
-                               for n, e in entries.items()}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    n: {
+                        "hub_id": e.hub_id,
+                        "format": e.format,
+                        "architecture": e.architecture,
+                        "license": e.license,
+                        "system": e.system,
+                        "task": e.task,
+                    }
+                    for n, e in entries.items()
+                },
+                indent=2,
+            )
+        )
         return
     table = Table(title="polyclip models")
     for column in ("name", "system", "hub id", "format", "architecture", "licence", "task"):
@@ -42,7 +57,9 @@ def models(json_output: Annotated[bool, typer.Option("--json", help="print JSON"
 
 def info(
     checkpoint: Annotated[str, typer.Argument(help="a checkpoint folder or file")],
-    format: Annotated[str | None, typer.Option(help="force a format: native, hf, open_clip, openai, flax")] = None,
+    format: Annotated[
+        str | None, typer.Option(help="force a format: native, hf, open_clip, openai, flax")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Format, architecture, parameter count and preprocessing of a checkpoint."""
@@ -62,20 +79,33 @@ def info(
     table.add_row("parameters", f"{details['parameters']:,}")
     table.add_row("stored dtype", details["dtype"])
     table.add_row("image tower", f"{tower}, {vision['image_size']}px, {vision['act']}")
-    table.add_row("text tower", f"{text['width']}w x {text['layers']}L, {'causal' if text['causal'] else 'bidirectional'}, "
-                  f"pool {text['pool']}, context {text['context_length']}, vocab {text['vocab_size']}")
+    table.add_row(
+        "text tower",
+        f"{text['width']}w x {text['layers']}L, {'causal' if text['causal'] else 'bidirectional'}, "
+        f"pool {text['pool']}, context {text['context_length']}, vocab {text['vocab_size']}",
+    )
     table.add_row("embedding", str(details["model"]["embed_dim"]))
-    table.add_row("loss", "sigmoid (logit bias)" if details["model"]["init_logit_bias"] is not None else "softmax")
-    table.add_row("preprocessing", json.dumps(details["preprocess"]) if details["preprocess"] else "family default")
-    table.add_row("tokenizer", json.dumps(details["tokenizer"]) if details["tokenizer"] else "from folder / CLIP BPE")
+    table.add_row(
+        "loss", "sigmoid (logit bias)" if details["model"]["init_logit_bias"] is not None else "softmax"
+    )
+    table.add_row(
+        "preprocessing", json.dumps(details["preprocess"]) if details["preprocess"] else "family default"
+    )
+    table.add_row(
+        "tokenizer", json.dumps(details["tokenizer"]) if details["tokenizer"] else "from folder / CLIP BPE"
+    )
     console.print(table)
 
 
 def classify(
     images: Annotated[list[Path], typer.Argument(help="image files")],
-    labels: Annotated[list[str], typer.Option("--labels", "-l", help="class names (repeat, or one per argument)")],
+    labels: Annotated[
+        list[str], typer.Option("--labels", "-l", help="class names (repeat, or one per argument)")
+    ],
     model: ModelOption = "clip-vit-b-32",
-    template: Annotated[list[str] | None, typer.Option(help="prompt template(s) with {} or a set name")] = None,
+    template: Annotated[
+        list[str] | None, typer.Option(help="prompt template(s) with {} or a set name")
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 5,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -83,10 +113,16 @@ def classify(
     import polyclip
     from polyclip.images import ImageDecodeError
 
-    labels = [label for item in labels for label in item.split(",") if label.strip()] if len(labels) == 1 else labels
+    labels = (
+        [label for item in labels for label in item.split(",") if label.strip()]
+        if len(labels) == 1
+        else labels
+    )
     loaded, preprocess, tokenizer = polyclip.load(model)
     templates = template[0] if template and len(template) == 1 else template
-    classifier = polyclip.zero_shot_classifier(loaded, tokenizer, labels, templates=templates, preprocess=preprocess)
+    classifier = polyclip.zero_shot_classifier(
+        loaded, tokenizer, labels, templates=templates, preprocess=preprocess
+    )
     results = {}
     for path in images:
         try:
@@ -111,8 +147,12 @@ def classify(
 def embed(
     paths: Annotated[list[Path], typer.Argument(help="image files or folders (searched recursively)")] = None,
     model: ModelOption = "clip-vit-b-32",
-    out: Annotated[Path, typer.Option("--out", "-o", help="output .parquet file")] = Path("embeddings.parquet"),
-    text: Annotated[Path | None, typer.Option(help="a text file, one text per line, to embed instead")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="output .parquet file")] = Path(
+        "embeddings.parquet"
+    ),
+    text: Annotated[
+        Path | None, typer.Option(help="a text file, one text per line, to embed instead")
+    ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     workers: Annotated[int | None, typer.Option(help="decoding threads")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32 or bf16")] = None,
@@ -122,9 +162,13 @@ def embed(
 
     if not paths and text is None:
         raise typer.BadParameter("give image paths or folders, or --text FILE")
-    summary = embed_to_parquet(model, out, paths or [], text, batch_size=batch_size, workers=workers, dtype=dtype)
-    console.print(f"wrote {summary['rows']} embeddings to {out} ({summary['new']} new, "
-                  f"{summary['resumed']} from a previous run)")
+    summary = embed_to_parquet(
+        model, out, paths or [], text, batch_size=batch_size, workers=workers, dtype=dtype
+    )
+    console.print(
+        f"wrote {summary['rows']} embeddings to {out} ({summary['new']} new, "
+        f"{summary['resumed']} from a previous run)"
+    )
     if summary["failures"]:
         console.print(f"[yellow]skipped {len(summary['failures'])} unreadable file(s):[/yellow]")
         for path, reason in summary["failures"]:

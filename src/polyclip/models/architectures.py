@@ -27,8 +27,13 @@ def _clip_vit(image_size, patch, width, layers, heads, embed, text_width, text_h
     return DualEncoderConfig(
         embed_dim=embed,
         vision=VisionConfig(
-            image_size=image_size, patch_size=patch, width=width, layers=layers, heads=heads,
-            mlp_dim=4 * width, act=act,
+            image_size=image_size,
+            patch_size=patch,
+            width=width,
+            layers=layers,
+            heads=heads,
+            mlp_dim=4 * width,
+            act=act,
         ),
         text=TextConfig(width=text_width, heads=text_heads, mlp_dim=4 * text_width, act=act),
     )
@@ -37,7 +42,9 @@ def _clip_vit(image_size, patch, width, layers, heads, embed, text_width, text_h
 def _clip_resnet(image_size, stage_blocks, width, embed, text_width, text_heads):
     return DualEncoderConfig(
         embed_dim=embed,
-        vision=VisionConfig(kind="resnet", image_size=image_size, resnet_layers=stage_blocks, resnet_width=width),
+        vision=VisionConfig(
+            kind="resnet", image_size=image_size, resnet_layers=stage_blocks, resnet_width=width
+        ),
         text=TextConfig(width=text_width, heads=text_heads, mlp_dim=4 * text_width),
     )
 
@@ -46,13 +53,33 @@ def _siglip(image_size, patch, width, layers, heads, mlp_dim, act="gelu_tanh", v
     return DualEncoderConfig(
         embed_dim=width,
         vision=VisionConfig(
-            image_size=image_size, patch_size=patch, width=width, layers=layers, heads=heads, mlp_dim=mlp_dim,
-            act=act, norm_eps=1e-6, pool="map", class_token=False, pre_norm=False, patch_bias=True,
+            image_size=image_size,
+            patch_size=patch,
+            width=width,
+            layers=layers,
+            heads=heads,
+            mlp_dim=mlp_dim,
+            act=act,
+            norm_eps=1e-6,
+            pool="map",
+            class_token=False,
+            pre_norm=False,
+            patch_bias=True,
             projection=False,
         ),
         text=TextConfig(
-            vocab_size=vocab, context_length=context, width=width, layers=layers, heads=heads, mlp_dim=mlp_dim,
-            act=act, norm_eps=1e-6, causal=False, pool="last", eos_token_id=1, projection=True,
+            vocab_size=vocab,
+            context_length=context,
+            width=width,
+            layers=layers,
+            heads=heads,
+            mlp_dim=mlp_dim,
+            act=act,
+            norm_eps=1e-6,
+            causal=False,
+            pool="last",
+            eos_token_id=1,
+            projection=True,
             projection_bias=True,
         ),
         init_logit_scale=math.log(10.0),

@@ -53,7 +53,9 @@ class VisionConfig:
             raise ConfigError("pool='cls' needs class_token=True")
         self.resnet_layers = tuple(self.resnet_layers)
         if self.kind == "vit" and self.image_size % self.patch_size:
-            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+            raise ConfigError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
 
     @property
     def grid_size(self) -> int:

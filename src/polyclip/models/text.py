@@ -49,7 +49,9 @@ class TextTransformer(nn.Module):
         """Normalised token states: (B, L, D)."""
         L = token_ids.shape[1]
         if L > self.config.context_length:
-            raise ValueError(f"{L} tokens exceed the text tower's context length {self.config.context_length}")
+            raise ValueError(
+                f"{L} tokens exceed the text tower's context length {self.config.context_length}"
+            )
         x = self.token_embedding(token_ids) + self.pos_embed[:L].to(self.token_embedding.weight.dtype)
         x = self.transformer(x, is_causal=self.config.causal)
         return self.norm(x)
