@@ -13,7 +13,7 @@ from polyclip.checkpoints import CheckpointError, build_model, read_checkpoint
 from polyclip.checkpoints.native import write_native
 from polyclip.hub import RegistryEntry, resolve
 from polyclip.models import DualEncoder, DualEncoderConfig, create_model, get_architecture
-from polyclip.tokenizers import build_tokenizer, tokenizer_from_hf_folder
+from polyclip.tokenizers import MissingTokenizerError, build_tokenizer, tokenizer_from_hf_folder
 from polyclip.transforms import PRESETS, ImageTransform, PreprocessConfig, build_preprocess
 
 DTYPES = {
@@ -94,9 +94,13 @@ def save(
         preprocess = preprocess.config
     if isinstance(preprocess, PreprocessConfig):
         preprocess = preprocess.to_dict()
-    tokenizer_config = getattr(tokenizer, "config", tokenizer)
-    state_dict = {k: v for k, v in model.state_dict().items()}
-    return write_native(Path(directory), model.config, state_dict, preprocess, tokenizer_config, extra)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    # a tokenizer with files of its own (SigLIP's spiece.model) copies them next to the weights
+    tokenizer_config = (
+        tokenizer.save(directory) if hasattr(tokenizer, "save") else getattr(tokenizer, "config", tokenizer)
+    )
+    return write_native(directory, model.config, model.state_dict(), preprocess, tokenizer_config, extra)
 
 
 def default_preprocess(config: DualEncoderConfig) -> dict[str, Any]:
@@ -122,7 +126,7 @@ def _tokenizer(entry: RegistryEntry | None, recorded: dict | None, config: DualE
         context = (spec or {}).get("context_length") or config.text.context_length
         try:
             return tokenizer_from_hf_folder(folder, context_length=context)
-        except (ValueError, OSError):
+        except MissingTokenizerError:
             if config.text.vocab_size != 49408:
                 raise CheckpointError(
                     f"{folder} holds no tokenizer files and its vocabulary ({config.text.vocab_size} tokens) is "

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up a virtual environment from scratch and run the default test suite (CPU, a few minutes),
+# then the browser test when Debian's chromium is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip
+# A CPU build of torch, pinned: a bare `torch` would resolve to a multi-GB CUDA build.
+pip install -q torch==2.13.0
+pip install -q -e ".[all,test]"
+# Reference tokenizers (OpenAI's, as shipped by open_clip and clip-anytorch) for parity tests only;
+# --no-deps because their dependencies would pull in torchvision.
+pip install -q --no-deps open_clip_torch==3.3.0 clip-anytorch==2.6.0
+ruff check src tests benchmarks
+python -m pytest -m "not slow and not browser" -q -p no:cacheprovider
+if [ -x /usr/bin/chromium ]; then
+  python -m pytest -m browser -q -p no:cacheprovider
+fi
