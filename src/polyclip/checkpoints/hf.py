@@ -261,7 +261,9 @@ def preprocess_from_hf(folder: Path, model_type: str, image_size: int) -> dict[s
     """PreprocessConfig fields from preprocessor_config.json (or transformers' defaults)."""
     path = folder / "preprocessor_config.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
-    resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(data.get("resample", 3), "bicubic")
+    resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}.get(
+        data.get("resample", 3), "bicubic"
+    )
     if model_type == "siglip":
         size = data.get("size", {}).get("height", image_size)
         mean, std = data.get("image_mean", [0.5] * 3), data.get("image_std", [0.5] * 3)
