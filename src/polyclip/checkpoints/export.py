@@ -1,0 +1,361 @@
+"""Writing a polyclip model in other libraries' formats: a transformers ``CLIPModel``/``SiglipModel`` folder,
+or an open_clip hub folder.
+
+The key names are the inverses of the readers' (`polyclip.checkpoints.hf`, `polyclip.checkpoints.open_clip`):
+fused QKV projections are split back into q/k/v, the MAP head's separate q and fused kv become
+``nn.MultiheadAttention``'s ``in_proj``, open_clip's bare projection matrices are transposed back.
+A model that the target library cannot describe (a ModifiedResNet for transformers, a SigLIP image tower
+whose size no timm model has for open_clip) raises `ExportError` instead of writing something else.
+
+Reference: transformers ``models/clip`` and ``models/siglip`` (configuration and modeling files,
+``CLIPImageProcessor``, ``SiglipImageProcessor``); open_clip ``model.py``, ``transform.py`` (PreprocessCfg),
+``push_to_hf_hub.py`` (the hub folder's file names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from polyclip.checkpoints.common import CheckpointError
+from polyclip.checkpoints.open_clip import (
+    CONFIG_NAME as OPEN_CLIP_CONFIG_NAME,
+)
+from polyclip.checkpoints.open_clip import (
+    OPENAI_MEAN,
+    OPENAI_STD,
+    template_renames,
+    to_open_clip_config,
+    to_open_clip_state_dict,
+)
+from polyclip.models import DualEncoderConfig
+
+OPEN_CLIP_WEIGHTS_NAME = "open_clip_model.safetensors"
+
+
+class ExportError(CheckpointError, NotImplementedError):
+    """The target format cannot describe this model."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transformers
+
+
+def _hf_block_pairs(ours: str, theirs: str) -> list[tuple[str, str]]:
+    return [
+        (f"{ours}.{{i}}.norm1.{{w}}", f"{theirs}.{{i}}.layer_norm1.{{w}}"),
+        # polyclip's fused qkv is split into q_proj/k_proj/v_proj before renaming
+        (f"{ours}.{{i}}.attn.{{qkv}}_proj.{{w}}", f"{theirs}.{{i}}.self_attn.{{qkv}}_proj.{{w}}"),
+        (f"{ours}.{{i}}.attn.proj.{{w}}", f"{theirs}.{{i}}.self_attn.out_proj.{{w}}"),
+        (f"{ours}.{{i}}.norm2.{{w}}", f"{theirs}.{{i}}.layer_norm2.{{w}}"),
+        (f"{ours}.{{i}}.mlp.fc1.{{w}}", f"{theirs}.{{i}}.mlp.fc1.{{w}}"),
+        (f"{ours}.{{i}}.mlp.fc2.{{w}}", f"{theirs}.{{i}}.mlp.fc2.{{w}}"),
+    ]
+
+
+_HF_COMMON = [
+    ("visual.patch_embed.{w}", "vision_model.embeddings.patch_embedding.{w}"),
+    ("visual.pos_embed", "vision_model.embeddings.position_embedding.weight"),
+    *_hf_block_pairs("visual.transformer.blocks", "vision_model.encoder.layers"),
+    ("visual.norm.{w}", "vision_model.post_layernorm.{w}"),
+    ("text.token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
+    ("text.pos_embed", "text_model.embeddings.position_embedding.weight"),
+    *_hf_block_pairs("text.transformer.blocks", "text_model.encoder.layers"),
+    ("text.norm.{w}", "text_model.final_layer_norm.{w}"),
+    ("logit_scale", "logit_scale"),
+]
+HF_PAIRS = {
+    "clip": [
+        *_HF_COMMON,
+        ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
+        ("visual.norm_pre.{w}", "vision_model.pre_layrnorm.{w}"),  # sic: transformers' spelling
+        ("visual.proj.weight", "visual_projection.weight"),
+        ("text.proj.weight", "text_projection.weight"),
+    ],
+    "siglip": [
+        *_HF_COMMON,
+        ("visual.head.probe", "vision_model.head.probe"),
+        ("visual.head.attn.in_proj_{w}", "vision_model.head.attention.in_proj_{w}"),  # fused below
+        ("visual.head.attn.proj.{w}", "vision_model.head.attention.out_proj.{w}"),
+        ("visual.head.norm.{w}", "vision_model.head.layernorm.{w}"),
+        ("visual.head.mlp.fc1.{w}", "vision_model.head.mlp.fc1.{w}"),
+        ("visual.head.mlp.fc2.{w}", "vision_model.head.mlp.fc2.{w}"),
+        ("text.proj.{w}", "text_model.head.{w}"),
+        ("logit_bias", "logit_bias"),
+    ],
+}
+# polyclip activation names -> transformers' ACT2FN names
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+# transformers CLIP pools at the argmax token id when eos_token_id is 2 (configs saved before v4.31)
+_HF_ARGMAX_EOS = 2
+
+
+def _rename_all(
+    state_dict: dict[str, torch.Tensor], pairs: list[tuple[str, str]], target: str
+) -> dict[str, torch.Tensor]:
+    table = [(re.compile(pattern), replacement) for pattern, replacement in template_renames(pairs)]
+    out, unmapped = {}, []
+    for key, value in state_dict.items():
+        for pattern, replacement in table:
+            if pattern.fullmatch(key):
+                out[pattern.sub(replacement, key)] = value
+                break
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise ExportError(f"these weights have no {target} name: {sorted(unmapped)}")
+    return out
+
+
+def _split_qkv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fused ``attn.qkv`` -> ``attn.q_proj``/``k_proj``/``v_proj``; MAP head q + kv -> ``in_proj``."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        match = re.fullmatch(r"(.*\.attn)\.qkv\.(weight|bias)", key)
+        if match and ".transformer.blocks." in key:
+            # each part gets its own storage: safetensors refuses tensors that share memory
+            for name, part in zip("qkv", value.chunk(3, dim=0), strict=True):
+                out[f"{match[1]}.{name}_proj.{match[2]}"] = part.clone()
+            continue
+        match = re.fullmatch(r"visual\.head\.attn\.q\.(weight|bias)", key)
+        if match:
+            out[f"visual.head.attn.in_proj_{match[1]}"] = torch.cat(
+                [value, state_dict[f"visual.head.attn.kv.{match[1]}"]]
+            )
+            continue
+        if re.fullmatch(r"visual\.head\.attn\.kv\.(weight|bias)", key):
+            continue  # joined with q above
+        out[key] = value
+    return out
+
+
+def _require(conditions: dict[str, bool], target: str) -> None:
+    failed = [what for what, ok in conditions.items() if not ok]
+    if failed:
+        raise ExportError(f"{target} cannot describe this model: it needs {'; '.join(failed)}")
+
+
+def hf_model_type(config: DualEncoderConfig) -> str:
+    """Which transformers class describes this model ("clip" or "siglip"); ExportError if none does."""
+    vision, text = config.vision, config.text
+    if vision.kind == "resnet":
+        raise ExportError(
+            "transformers' CLIPModel has no ModifiedResNet image tower, so RN50-style models cannot be exported "
+            "to transformers; use export_open_clip or polyclip.save instead"
+        )
+    for where, act in (("image", vision.act), ("text", text.act)):
+        if act not in HF_ACTIVATIONS:
+            raise ExportError(f"the {where} activation {act!r} has no transformers name")
+    if vision.pool == "map":
+        _require(
+            {
+                "no class token": not vision.class_token, "no pre-norm": not vision.pre_norm,
+                "a patch bias": vision.patch_bias, "no image projection": not vision.projection,
+                "a bidirectional text tower": not text.causal, "text pooled at the last position": text.pool == "last",
+                "a text head with bias": text.projection and text.projection_bias,
+                "a logit bias": config.init_logit_bias is not None,
+            },
+            "transformers' SiglipModel",
+        )  # fmt: skip
+        return "siglip"
+    _require(
+        {
+            "a class token": vision.class_token, "a pre-norm": vision.pre_norm, "no patch bias": not vision.patch_bias,
+            "an image projection": vision.projection, "a causal text tower": text.causal,
+            "text pooled at the end token (argmax or eos)": text.pool in ("argmax", "eos"),
+            "a text projection without bias": text.projection and not text.projection_bias,
+            "no logit bias": config.init_logit_bias is None,
+            "an eos_token_id other than 2 with eos pooling": text.pool != "eos" or text.eos_token_id != _HF_ARGMAX_EOS,
+        },
+        "transformers' CLIPModel",
+    )  # fmt: skip
+    return "clip"
+
+
+def hf_config(config: DualEncoderConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """The ``config.json`` of a transformers CLIPModel or SiglipModel."""
+    model_type = hf_model_type(config)
+    vision, text = config.vision, config.text
+    vision_config = {
+        "hidden_size": vision.width, "intermediate_size": vision.mlp_dim, "num_hidden_layers": vision.layers,
+        "num_attention_heads": vision.heads, "image_size": vision.image_size, "patch_size": vision.patch_size,
+        "hidden_act": HF_ACTIVATIONS[vision.act], "layer_norm_eps": vision.norm_eps, "num_channels": 3,
+        "model_type": f"{model_type}_vision_model",
+    }  # fmt: skip
+    text_config = {
+        "vocab_size": text.vocab_size, "hidden_size": text.width, "intermediate_size": text.mlp_dim,
+        "num_hidden_layers": text.layers, "num_attention_heads": text.heads,
+        "max_position_embeddings": text.context_length, "hidden_act": HF_ACTIVATIONS[text.act],
+        "layer_norm_eps": text.norm_eps, "model_type": f"{model_type}_text_model",
+    }  # fmt: skip
+    dtype_name = str(dtype).removeprefix("torch.")
+    if model_type == "clip":
+        # argmax pooling is what transformers does for eos_token_id 2; otherwise the first eos position
+        text_config["eos_token_id"] = _HF_ARGMAX_EOS if text.pool == "argmax" else text.eos_token_id
+        text_config["projection_dim"] = config.embed_dim
+        vision_config["projection_dim"] = config.embed_dim
+        return {
+            "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": config.embed_dim,
+            "logit_scale_init_value": config.init_logit_scale, "text_config": text_config,
+            "vision_config": vision_config, "dtype": dtype_name,
+        }  # fmt: skip
+    text_config["projection_size"] = config.embed_dim
+    return {
+        "architectures": ["SiglipModel"], "model_type": "siglip", "text_config": text_config,
+        "vision_config": vision_config, "dtype": dtype_name,
+    }  # fmt: skip
+
+
+def to_hf_state_dict(state_dict: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """polyclip key names -> transformers' (the inverse of `polyclip.checkpoints.hf.convert_state_dict`)."""
+    out = _rename_all(_split_qkv(state_dict), HF_PAIRS[model_type], f"transformers {model_type}")
+    if model_type == "siglip":
+        for name in ("logit_scale", "logit_bias"):
+            out[name] = out[name].reshape(1)  # SiglipModel keeps shape (1,)
+    return out
+
+
+_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL's codes, as transformers stores them
+
+
+def _preprocess_fields(preprocess_config: Any, model_type: str, image_size: int) -> dict[str, Any]:
+    """PreprocessConfig fields from a PreprocessConfig, a dict of its fields, or the model's defaults."""
+    if preprocess_config is None:
+        if model_type == "siglip":
+            return dict(image_size=image_size, resize_mode="squash", interpolation="bicubic", crop_pct=1.0,
+                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), fill_color=0)  # fmt: skip
+        return dict(image_size=image_size, resize_mode="shortest", interpolation="bicubic", crop_pct=1.0,
+                    mean=OPENAI_MEAN, std=OPENAI_STD, fill_color=0)  # fmt: skip
+    if dataclasses.is_dataclass(preprocess_config):
+        fields = dataclasses.asdict(preprocess_config)
+    elif isinstance(preprocess_config, dict):
+        fields = dict(preprocess_config)
+    elif hasattr(preprocess_config, "config"):  # a transform object carrying its PreprocessConfig
+        return _preprocess_fields(preprocess_config.config, model_type, image_size)
+    else:
+        raise ExportError(
+            f"preprocess_config must be a PreprocessConfig or a dict, not {type(preprocess_config).__name__}"
+        )
+    defaults = _preprocess_fields(None, model_type, image_size)
+    return {**defaults, **fields}
+
+
+def hf_preprocessor_config(fields: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """``preprocessor_config.json`` for CLIPImageProcessor or SiglipImageProcessor."""
+    size = fields["image_size"]
+    if fields["interpolation"] not in _RESAMPLE:
+        raise ExportError(f"interpolation {fields['interpolation']!r} has no transformers equivalent")
+    common = {
+        "do_resize": True, "resample": _RESAMPLE[fields["interpolation"]], "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(fields["mean"]),
+        "image_std": list(fields["std"]), "do_convert_rgb": True,
+    }  # fmt: skip
+    mode, crop_pct = fields["resize_mode"], fields.get("crop_pct", 1.0)
+    if model_type == "siglip":
+        if mode != "squash" or crop_pct != 1.0:
+            raise ExportError(
+                "SiglipImageProcessor only resizes to the exact size (resize_mode 'squash', crop_pct 1)"
+            )
+        return {
+            "image_processor_type": "SiglipImageProcessor",
+            **common,
+            "size": {"height": size, "width": size},
+        }
+    if mode == "shortest":
+        return {
+            "image_processor_type": "CLIPImageProcessor", **common, "size": {"shortest_edge": math.floor(size / crop_pct + 1e-6)},
+            "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        }  # fmt: skip
+    if mode == "squash" and crop_pct == 1.0:
+        return {
+            "image_processor_type": "CLIPImageProcessor", **common, "size": {"height": size, "width": size},
+            "do_center_crop": False, "crop_size": {"height": size, "width": size},
+        }  # fmt: skip
+    raise ExportError(f"CLIPImageProcessor cannot resize with mode {mode!r} and crop_pct {crop_pct}")
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)  # a killed export never leaves a half-written weights file
+
+
+def export_hf(model: nn.Module, folder: str | Path, preprocess_config: Any = None) -> Path:
+    """Write ``model`` as a transformers CLIPModel or SiglipModel folder: ``config.json``,
+    ``model.safetensors``, ``preprocessor_config.json``. Tokenizer files are not written."""
+    config: DualEncoderConfig = model.config
+    model_type = hf_model_type(config)
+    fields = _preprocess_fields(preprocess_config, model_type, config.vision.image_size)
+    preprocessor = hf_preprocessor_config(fields, model_type)
+    weights = _weights(model)
+    tensors = to_hf_state_dict(weights, model_type)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(tensors, folder / "model.safetensors")
+    dtype = next(v.dtype for v in weights.values() if v.is_floating_point())
+    (folder / "config.json").write_text(json.dumps(hf_config(config, dtype), indent=2) + "\n")
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# open_clip
+
+
+def open_clip_preprocess_config(fields: dict[str, Any]) -> dict[str, Any]:
+    """open_clip's PreprocessCfg from PreprocessConfig fields (open_clip has no crop_pct)."""
+    if fields.get("crop_pct", 1.0) != 1.0:
+        raise ExportError("open_clip's preprocessing resizes straight to the crop size; crop_pct must be 1")
+    return {
+        "size": fields["image_size"], "mode": "RGB", "mean": list(fields["mean"]), "std": list(fields["std"]),
+        "interpolation": fields["interpolation"], "resize_mode": fields["resize_mode"],
+        "fill_color": fields.get("fill_color", 0),
+    }  # fmt: skip
+
+
+def export_open_clip(
+    model: nn.Module, folder: str | Path, preprocess_config: Any = None, hf_tokenizer_name: str | None = None
+) -> Path:
+    """Write ``model`` as an open_clip hub folder: ``open_clip_config.json`` + ``open_clip_model.safetensors``.
+
+    ``hf_tokenizer_name`` names the hub repo of a SigLIP tokenizer (open_clip's ``text_cfg.hf_tokenizer_name``);
+    without it open_clip uses CLIP's BPE.
+    """
+    config: DualEncoderConfig = model.config
+    model_cfg, layout, custom_text = to_open_clip_config(config)
+    if hf_tokenizer_name:
+        model_cfg["text_cfg"]["hf_tokenizer_name"] = hf_tokenizer_name
+        model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": "canonicalize"}
+    model_type = "siglip" if layout == "timm" else "clip"
+    fields = _preprocess_fields(preprocess_config, model_type, config.vision.image_size)
+    record = {"model_cfg": model_cfg, "preprocess_cfg": open_clip_preprocess_config(fields)}
+    tensors = to_open_clip_state_dict(_weights(model), layout, custom_text)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(tensors, folder / OPEN_CLIP_WEIGHTS_NAME)
+    (folder / OPEN_CLIP_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    return folder
+
+
+__all__ = [
+    "ExportError",
+    "export_hf",
+    "export_open_clip",
+    "hf_config",
+    "hf_model_type",
+    "hf_preprocessor_config",
+    "to_hf_state_dict",
+]
