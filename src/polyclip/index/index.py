@@ -1,0 +1,365 @@
+"""The index folder: model identity, FAISS vectors per space, SQLite metadata, kept consistent.
+
+Layout of the folder:
+  index.json        format version, the model identity (source, weights fingerprint, preprocessing,
+                    tokenizer, dtype), and per space the FAISS index type, its parameters and the
+                    change sequence number it was saved at
+  vectors.faiss     image vectors;  captions.faiss: caption vectors (when captions were given)
+  metadata.sqlite   items, their vectors, the change log (see `store`)
+  write.lock        held by the one process allowed to write
+
+SQLite is the source of truth and every write is one transaction. The FAISS files are derived: each
+records the change number it reflects, and opening replays the changes after it (or rebuilds from
+SQLite if a file is missing). So a process killed at any moment, including while saving, loses no
+committed item and never duplicates one. A reader (the service) replays the changes other processes
+commit, so items added with `polyclip index add` become searchable without a restart.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from polyclip.index import vectors as vector_ops
+from polyclip.index.encoder import QueryEmbeddings
+from polyclip.index.errors import IndexBusyError, IndexStoreError, ModelMismatchError
+from polyclip.index.identity import ModelIdentity
+from polyclip.index.store import SPACES, ItemRecord, MetadataStore, NewItem
+from polyclip.index.vectors import IndexSpec, VectorIndexConfig
+
+FORMAT_VERSION = 1
+INDEX_JSON = "index.json"
+METADATA_FILE = "metadata.sqlite"
+LOCK_FILE = "write.lock"
+FAISS_FILES = {"image": "vectors.faiss", "caption": "captions.faiss"}
+# Filters matching at most this many items are answered exactly from the stored vectors (an IVF
+# index would miss some of them in the few lists it probes).
+EXACT_FILTER_LIMIT = 50_000
+
+
+@dataclass
+class SearchHit:
+    id: int
+    score: float
+    path: str
+    caption: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "score": self.score,
+            "path": self.path,
+            "caption": self.caption,
+            "metadata": self.metadata,
+        }
+
+
+@dataclass
+class _LoadedSpace:
+    index: Any  # a FAISS index
+    spec: IndexSpec
+    applied_seq: int  # every change up to this sequence number is in `index`
+
+
+class Index:
+    """An index folder opened for reading, or for writing (one writing process at a time)."""
+
+    def __init__(
+        self, folder: str | Path, writable: bool = False, config: VectorIndexConfig | None = None
+    ) -> None:
+        self.folder = Path(folder)
+        manifest_path = self.folder / INDEX_JSON
+        if not manifest_path.is_file():
+            raise IndexStoreError(
+                f"{self.folder} is not a polyclip index (no {INDEX_JSON}); build one with 'polyclip index build'"
+            )
+        self._manifest = json.loads(manifest_path.read_text())
+        if self._manifest.get("format_version") != FORMAT_VERSION:
+            raise IndexStoreError(
+                f"{manifest_path}: format_version {self._manifest.get('format_version')!r}, "
+                f"this polyclip reads {FORMAT_VERSION}"
+            )
+        self.identity = ModelIdentity.from_dict(self._manifest["model"])
+        self.config = config or VectorIndexConfig(**self._manifest.get("vector_config", {}))
+        self.writable = writable
+        self._lock_handle = self._acquire_write_lock() if writable else None
+        self.store = MetadataStore(self.folder / METADATA_FILE, readonly=not writable)
+        self._spaces: dict[str, _LoadedSpace] = {}
+        self._lock = threading.RLock()  # guards the FAISS objects: searches, replays and saves
+
+    # -- creation
+    @classmethod
+    def create(
+        cls, folder: str | Path, identity: ModelIdentity, config: VectorIndexConfig | None = None
+    ) -> Index:
+        """A new empty index; an existing index of the same model is opened for writing instead."""
+        folder = Path(folder)
+        if (folder / INDEX_JSON).is_file():
+            recorded = ModelIdentity.from_dict(json.loads((folder / INDEX_JSON).read_text())["model"])
+            recorded.check_compatible(identity, f"a build with {identity.source!r}")
+            return cls(folder, writable=True, config=config)
+        if folder.exists() and any(p for p in folder.iterdir() if p.name != "shards"):
+            raise IndexStoreError(f"{folder} exists and is not an index; choose an empty or new folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model": identity.to_dict(),
+            "vector_config": asdict(config or VectorIndexConfig()),
+            "spaces": {},
+        }
+        _write_json_atomic(folder / INDEX_JSON, manifest)
+        return cls(folder, writable=True, config=config)
+
+    def _acquire_write_lock(self):
+        handle = open(self.folder / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise IndexBusyError(
+                f"another writer (a build, add or remove) holds {self.folder}; wait for it to finish "
+                "(searching stays possible)"
+            ) from None
+        return handle
+
+    def close(self) -> None:
+        self.store.close()
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- information
+    def __len__(self) -> int:
+        return self.store.count()
+
+    @property
+    def spaces(self) -> list[str]:
+        """Spaces that hold vectors: "image", and "caption" when captions were embedded."""
+        return [
+            space for space in SPACES if self.store.count_vectors(space) or space in self._manifest["spaces"]
+        ]
+
+    def spec(self, space: str = "image") -> IndexSpec:
+        with self._lock:
+            return self._loaded(space).spec
+
+    def describe(self) -> dict[str, Any]:
+        spaces = {}
+        for space in self.spaces:
+            loaded = self._spaces.get(space)
+            spec = (
+                loaded.spec
+                if loaded
+                else IndexSpec.from_dict(
+                    self._manifest["spaces"].get(space, {"type": "flat", "dim": self.identity.embed_dim})
+                )
+            )
+            spaces[space] = {"vectors": self.store.count_vectors(space), **spec.to_dict()}
+        return {
+            "folder": str(self.folder),
+            "items": len(self),
+            "model": self.identity.to_dict(),
+            "spaces": spaces,
+            "failures": len(self.store.failures()),
+        }
+
+    def get(self, item_id: int) -> ItemRecord | None:
+        return self.store.get_items([item_id]).get(item_id)
+
+    # -- writes
+    def add(self, items: Sequence[NewItem], failures: Sequence[tuple[str, str]] = ()) -> list[int | None]:
+        """Commit items (with vectors per space) in one transaction; returns new ids (None: path existed).
+
+        Vectors must come from this index's model: pass them through an `Encoder` whose identity was
+        checked, e.g. with `polyclip.index.build.add_paths`.
+        """
+        self._require_writable()
+        for item in items:
+            for space, vector in item.vectors.items():
+                if space not in SPACES:
+                    raise IndexStoreError(f"unknown vector space {space!r}; spaces are {', '.join(SPACES)}")
+                if np.shape(vector) != (self.identity.embed_dim,):
+                    raise ModelMismatchError(
+                        f"{item.path}: {space} vector of shape {np.shape(vector)}, the index holds "
+                        f"{self.identity.embed_dim}-d vectors of {self.identity.source!r}"
+                    )
+        ids = self.store.add_items(items, failures)
+        self.refresh()
+        return ids
+
+    def remove(self, ids: Sequence[int]) -> None:
+        """Remove items by id; unknown ids are an error and then nothing is removed."""
+        self._require_writable()
+        ids = [int(i) for i in ids]
+        missing = sorted(set(ids) - self.store.existing_ids(ids))
+        if missing:
+            shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+            raise IndexStoreError(f"no item with id {shown} in {self.folder}; nothing was removed")
+        self.store.remove_items(ids)
+        self.refresh()
+
+    def save(self) -> None:
+        """Bring every FAISS index up to date, switch its type if the collection outgrew it, write it."""
+        self._require_writable()
+        with self._lock:
+            spaces_manifest = dict(self._manifest["spaces"])
+            for space in self.spaces:
+                loaded = self._loaded(space)
+                count = self.store.count_vectors(space)
+                if vector_ops.needs_rebuild(loaded.spec, count, self.config):
+                    loaded = self._spaces[space] = self._rebuild(space)
+                vector_ops.write_atomic(loaded.index, self.folder / FAISS_FILES[space])
+                spaces_manifest[space] = {
+                    **loaded.spec.to_dict(),
+                    "file": FAISS_FILES[space],
+                    "applied_seq": loaded.applied_seq,
+                    "count": int(loaded.index.ntotal),
+                }
+            # the FAISS files are in place before the manifest names their sequence numbers
+            self._manifest = {**self._manifest, "spaces": spaces_manifest}
+            _write_json_atomic(self.folder / INDEX_JSON, self._manifest)
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise IndexStoreError(f"{self.folder} is opened read-only")
+
+    # -- vectors in memory
+    def _loaded(self, space: str) -> _LoadedSpace:
+        """The space's FAISS index, loaded (or rebuilt) on first use and caught up with SQLite."""
+        if space not in SPACES:
+            raise IndexStoreError(f"unknown space {space!r}; choose one of {', '.join(SPACES)}")
+        loaded = self._spaces.get(space)
+        if loaded is None:
+            loaded = self._spaces[space] = self._open_space(space)
+        self._catch_up(space, loaded)
+        return loaded
+
+    def _open_space(self, space: str) -> _LoadedSpace:
+        recorded = self._manifest["spaces"].get(space)
+        path = self.folder / FAISS_FILES[space]
+        if recorded and path.is_file():
+            spec = IndexSpec.from_dict(recorded)
+            try:
+                return _LoadedSpace(vector_ops.read(path, spec), spec, int(recorded["applied_seq"]))
+            except IndexStoreError:
+                pass  # unreadable: rebuilt from SQLite below, nothing is lost
+        return self._rebuild(space)
+
+    def _rebuild(self, space: str) -> _LoadedSpace:
+        """The whole space from SQLite, read in one snapshot so the sequence number matches exactly."""
+        dim = self.identity.embed_dim
+        with self.store.snapshot():
+            applied = self.store.last_change()
+            count = self.store.count_vectors(space)
+            index, spec = vector_ops.build_index(
+                count,
+                dim,
+                sample=lambda n: self.store.sample_vectors(space, n, dim, self.config.seed),
+                chunks=lambda: self.store.iter_vectors(space, dim),
+                config=self.config,
+            )
+        return _LoadedSpace(index, spec, applied)
+
+    def _catch_up(self, space: str, loaded: _LoadedSpace) -> None:
+        """Replay the changes committed after ``loaded.applied_seq`` (by this or another process)."""
+        if self.store.last_change() == loaded.applied_seq:
+            return
+        last, changes = self.store.changes_since(space, loaded.applied_seq)
+        removed = np.array(sorted({item for item, op in changes if op == "remove"}), np.int64)
+        added = sorted({item for item, op in changes if op == "add"})
+        vector_ops.remove(loaded.index, removed)
+        # an item added and removed again since the last replay has no vector left: not re-added
+        ids, vectors = self.store.get_vectors(space, added, self.identity.embed_dim)
+        vector_ops.add(loaded.index, ids, vectors)
+        loaded.applied_seq = last
+
+    def refresh(self) -> None:
+        """Apply changes committed since the last search (cheap when there are none)."""
+        with self._lock:
+            for space, loaded in self._spaces.items():
+                self._catch_up(space, loaded)
+
+    # -- search
+    def search(
+        self,
+        queries: QueryEmbeddings,
+        k: int = 10,
+        filter: dict[str, Any] | None = None,
+        space: str = "image",
+    ) -> list[list[SearchHit]]:
+        """Top-``k`` items per query by cosine similarity, optionally restricted by a metadata filter."""
+        if queries.model_fingerprint != self.identity.fingerprint:
+            raise ModelMismatchError(
+                f"the queries were encoded by another model (fingerprint {queries.model_fingerprint}) than "
+                f"the one this index was built with ({self.identity.source!r}, {self.identity.fingerprint})"
+            )
+        if queries.vectors.shape[1] != self.identity.embed_dim:
+            raise ModelMismatchError(
+                f"queries have {queries.vectors.shape[1]} dimensions, the index {self.identity.embed_dim}"
+            )
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise IndexStoreError(f"k must be a positive integer, got {k!r}")
+        allowed = None if not filter else self.store.filter_ids(filter)
+        if allowed is not None and len(allowed) == 0:
+            return [[] for _ in range(len(queries.vectors))]
+        if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
+            scores, ids = self._exact_among(space, queries.vectors, k, allowed)
+        else:
+            with self._lock:
+                loaded = self._loaded(space)
+                k_eff = min(k, max(1, int(loaded.index.ntotal)))
+                scores, ids = vector_ops.search(loaded.index, loaded.spec, queries.vectors, k_eff, allowed)
+        records = self.store.get_items({int(i) for row in ids for i in row if i >= 0})
+        return [
+            [
+                SearchHit(int(i), float(s), records[i].path, records[i].caption, records[i].metadata)
+                for s, i in zip(row_scores, row_ids)
+                if i >= 0 and int(i) in records  # an item removed meanwhile is dropped
+            ]
+            for row_scores, row_ids in zip(scores, ids)
+        ]
+
+    def _exact_among(self, space: str, queries: np.ndarray, k: int, allowed: np.ndarray):
+        ids, vectors = self.store.get_vectors(space, allowed.tolist(), self.identity.embed_dim)
+        if not len(ids):
+            empty = np.zeros((len(queries), 0))
+            return empty, empty.astype(np.int64)
+        scores = queries.astype(np.float32) @ vectors.T  # (Q, N)
+        top = min(k, len(ids))
+        part = np.argpartition(-scores, top - 1, axis=1)[:, :top]  # (Q, top), unordered
+        order = np.take_along_axis(-scores, part, axis=1).argsort(axis=1, kind="stable")
+        best = np.take_along_axis(part, order, axis=1)
+        return np.take_along_axis(scores, best, axis=1), ids[best]
+
+    def stored_vectors(self, ids: Sequence[int], space: str = "image") -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) as stored, e.g. to search for items similar to an indexed one."""
+        return self.store.get_vectors(space, list(ids), self.identity.embed_dim)
+
+
+def open_index(folder: str | Path, writable: bool = False) -> Index:
+    return Index(folder, writable=writable)
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)

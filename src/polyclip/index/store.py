@@ -1,0 +1,394 @@
+"""SQLite store: the index's source of truth for items, their vectors and the log of changes.
+
+Tables:
+  items     id INTEGER PRIMARY KEY AUTOINCREMENT (ids are never reused), path UNIQUE, caption,
+            metadata (JSON object), added_at (unix time)
+  vectors   (space, item_id) -> float32 vector; space is "image" or "caption"
+  changes   append-only log (seq, space, item_id, op) of every vector added or removed; a FAISS index
+            saved at seq S is brought up to date by replaying the changes after S
+  failures  files that could not be decoded, with the reason (retried on the next build)
+  info      key/value pairs
+
+Every write is one transaction, so a process killed at any moment leaves either all or none of a
+batch. The database runs in WAL mode: a service reading it is never blocked by a build writing it.
+Connections are per thread (sqlite3 objects must not cross threads).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from polyclip.index.errors import IndexStoreError
+
+SPACES = ("image", "caption")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    path TEXT NOT NULL UNIQUE,
+    caption TEXT,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    added_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS vectors (
+    space TEXT NOT NULL,
+    item_id INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
+    vector BLOB NOT NULL,
+    UNIQUE (space, item_id)
+);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    space TEXT NOT NULL,
+    item_id INTEGER NOT NULL,
+    op TEXT NOT NULL CHECK (op IN ('add', 'remove'))
+);
+CREATE INDEX IF NOT EXISTS changes_by_space ON changes (space, seq);
+CREATE TABLE IF NOT EXISTS failures (path TEXT PRIMARY KEY, reason TEXT NOT NULL, failed_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+# Metadata keys become JSON paths; only plain names are accepted, so a key can never inject SQL or a path.
+METADATA_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
+FILTER_SPECIAL_KEYS = ("path_prefix", "ids")
+SQL_CHUNK = 900  # stays under SQLite's default limit of host parameters per statement
+
+
+@dataclass
+class NewItem:
+    """One item to add: its file, optional caption and metadata, and its vectors per space."""
+
+    path: str
+    vectors: dict[str, np.ndarray]  # space -> (E,) float32
+    caption: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ItemRecord:
+    id: int
+    path: str
+    caption: str | None
+    metadata: dict[str, Any]
+    added_at: float
+
+
+def _chunks(values: Sequence, size: int = SQL_CHUNK) -> Iterator[Sequence]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
+
+
+class MetadataStore:
+    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._local = threading.local()
+        self._write_lock = threading.Lock()  # one writer per process; SQLite serialises processes
+        if not readonly:
+            with self._connection() as db:
+                db.executescript(SCHEMA)
+        elif not self.path.is_file():
+            raise IndexStoreError(f"{self.path} does not exist")
+
+    # -- connections
+    def _connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            # Read-only stores open the file normally (a WAL reader may need to create the -shm file);
+            # the flag only forbids writes through this object.
+            db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=True)
+            if not self.readonly:
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # with WAL, survives a killed process
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+            self._local.depth = 0
+        return db
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every read of this thread inside it sees one consistent state (reentrant)."""
+        db = self._connection()
+        if self._local.depth == 0:
+            db.execute("BEGIN")
+        self._local.depth += 1
+        try:
+            yield db
+        finally:
+            self._local.depth -= 1
+            if self._local.depth == 0:
+                db.execute("COMMIT")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self.readonly:
+            raise IndexStoreError(f"{self.path} is opened read-only")
+        with self._write_lock:
+            db = self._connection()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- info
+    def get_info(self, key: str) -> str | None:
+        row = self._connection().execute("SELECT value FROM info WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_info(self, key: str, value: str) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)", (key, value))
+
+    # -- writes
+    def add_items(
+        self, items: Sequence[NewItem], failures: Sequence[tuple[str, str]] = ()
+    ) -> list[int | None]:
+        """Insert items and their vectors in one transaction; an already indexed path is left as it is.
+
+        Returns the new id of each item, None for a path that was already there. ``failures`` (path,
+        reason) are recorded in the same transaction; a path that now succeeds loses its failure row.
+        """
+        now = time.time()
+        ids: list[int | None] = []
+        with self._transaction() as db:
+            for item in items:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO items (path, caption, metadata, added_at) VALUES (?, ?, ?, ?)",
+                    (item.path, item.caption, json.dumps(item.metadata, sort_keys=True), now),
+                )
+                if cursor.rowcount == 0:
+                    ids.append(None)
+                    continue
+                item_id = cursor.lastrowid
+                ids.append(item_id)
+                for space, vector in item.vectors.items():
+                    blob = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+                    db.execute(
+                        "INSERT INTO vectors (space, item_id, vector) VALUES (?, ?, ?)",
+                        (space, item_id, blob),
+                    )
+                    db.execute(
+                        "INSERT INTO changes (space, item_id, op) VALUES (?, ?, 'add')", (space, item_id)
+                    )
+                db.execute("DELETE FROM failures WHERE path = ?", (item.path,))
+            db.executemany(
+                "INSERT OR REPLACE INTO failures (path, reason, failed_at) VALUES (?, ?, ?)",
+                [(path, reason, now) for path, reason in failures],
+            )
+        return ids
+
+    def remove_items(self, ids: Sequence[int]) -> None:
+        """Delete items and their vectors, logging the removals, in one transaction."""
+        with self._transaction() as db:
+            for chunk in _chunks(list(ids)):
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    f"SELECT space, item_id FROM vectors WHERE item_id IN ({marks})", tuple(chunk)
+                ).fetchall()
+                db.executemany("INSERT INTO changes (space, item_id, op) VALUES (?, ?, 'remove')", rows)
+                db.execute(f"DELETE FROM vectors WHERE item_id IN ({marks})", tuple(chunk))
+                db.execute(f"DELETE FROM items WHERE id IN ({marks})", tuple(chunk))
+
+    # -- reads
+    def count(self) -> int:
+        return self._connection().execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    def count_vectors(self, space: str) -> int:
+        return (
+            self._connection().execute("SELECT COUNT(*) FROM vectors WHERE space = ?", (space,)).fetchone()[0]
+        )
+
+    def last_change(self) -> int:
+        row = self._connection().execute("SELECT MAX(seq) FROM changes").fetchone()
+        return int(row[0] or 0)
+
+    def changes_since(self, space: str, seq: int) -> tuple[int, list[tuple[int, str]]]:
+        """(newest seq, [(item_id, op)] of ``space`` after ``seq``), read in one snapshot."""
+        with self.snapshot() as db:
+            last = int(db.execute("SELECT MAX(seq) FROM changes").fetchone()[0] or 0)
+            rows = db.execute(
+                "SELECT item_id, op FROM changes WHERE space = ? AND seq > ? AND seq <= ? ORDER BY seq",
+                (space, seq, last),
+            ).fetchall()
+        return last, rows
+
+    def existing_paths(self, paths: Sequence[str]) -> set[str]:
+        db = self._connection()
+        found: set[str] = set()
+        for chunk in _chunks(list(paths)):
+            marks = ",".join("?" * len(chunk))
+            found.update(
+                row[0] for row in db.execute(f"SELECT path FROM items WHERE path IN ({marks})", chunk)
+            )
+        return found
+
+    def existing_ids(self, ids: Sequence[int]) -> set[int]:
+        db = self._connection()
+        found: set[int] = set()
+        for chunk in _chunks(list(ids)):
+            marks = ",".join("?" * len(chunk))
+            found.update(row[0] for row in db.execute(f"SELECT id FROM items WHERE id IN ({marks})", chunk))
+        return found
+
+    def get_items(self, ids: Iterable[int]) -> dict[int, ItemRecord]:
+        db = self._connection()
+        out: dict[int, ItemRecord] = {}
+        for chunk in _chunks(list(ids)):
+            marks = ",".join("?" * len(chunk))
+            for row in db.execute(
+                f"SELECT id, path, caption, metadata, added_at FROM items WHERE id IN ({marks})", chunk
+            ):
+                out[row[0]] = ItemRecord(row[0], row[1], row[2], json.loads(row[3]), row[4])
+        return out
+
+    def get_vectors(self, space: str, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids (N,) int64, vectors (N, dim) float32) of those ``ids`` that have a vector in ``space``."""
+        db = self._connection()
+        found_ids, blobs = [], []
+        for chunk in _chunks(list(ids)):
+            marks = ",".join("?" * len(chunk))
+            for item_id, blob in db.execute(
+                f"SELECT item_id, vector FROM vectors WHERE space = ? AND item_id IN ({marks})",
+                (space, *chunk),
+            ):
+                found_ids.append(item_id)
+                blobs.append(blob)
+        return _to_arrays(found_ids, blobs, dim)
+
+    def iter_vectors(
+        self, space: str, dim: int, chunk_rows: int = 65_536
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All vectors of ``space`` in id order, ``chunk_rows`` at a time: (ids (n,), vectors (n, dim))."""
+        db = self._connection()
+        last_id = -1
+        while True:
+            rows = db.execute(
+                "SELECT item_id, vector FROM vectors WHERE space = ? AND item_id > ? ORDER BY item_id LIMIT ?",
+                (space, last_id, chunk_rows),
+            ).fetchall()
+            if not rows:
+                return
+            last_id = rows[-1][0]
+            yield _to_arrays([r[0] for r in rows], [r[1] for r in rows], dim)
+
+    def sample_vectors(self, space: str, n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """A seeded uniform sample of ``n`` vectors of ``space`` (for training and calibrating IVF)."""
+        db = self._connection()
+        all_ids = np.array(
+            [row[0] for row in db.execute("SELECT item_id FROM vectors WHERE space = ?", (space,))], np.int64
+        )
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(all_ids, size=min(n, len(all_ids)), replace=False) if len(all_ids) else all_ids
+        ids, vectors = self.get_vectors(space, np.sort(chosen).tolist(), dim)
+        return ids, vectors
+
+    def all_ids(self, space: str) -> np.ndarray:
+        rows = self._connection().execute("SELECT item_id FROM vectors WHERE space = ?", (space,))
+        return np.array([row[0] for row in rows], np.int64)
+
+    def failures(self) -> list[tuple[str, str]]:
+        return [
+            tuple(row)
+            for row in self._connection().execute("SELECT path, reason FROM failures ORDER BY path")
+        ]
+
+    def path_of(self, item_id: int) -> str | None:
+        row = self._connection().execute("SELECT path FROM items WHERE id = ?", (item_id,)).fetchone()
+        return None if row is None else row[0]
+
+    def list_items(self, limit: int = 100, offset: int = 0) -> list[ItemRecord]:
+        rows = self._connection().execute(
+            "SELECT id, path, caption, metadata, added_at FROM items ORDER BY id LIMIT ? OFFSET ?",
+            (limit, offset),
+        )
+        return [ItemRecord(r[0], r[1], r[2], json.loads(r[3]), r[4]) for r in rows]
+
+    # -- filters
+    def filter_ids(self, conditions: dict[str, Any]) -> np.ndarray:
+        """Ids of the items matching every condition (see `compile_filter`), sorted."""
+        where, params = compile_filter(conditions)
+        rows = self._connection().execute(f"SELECT id FROM items WHERE {where} ORDER BY id", params)
+        return np.array([row[0] for row in rows], np.int64)
+
+
+def compile_filter(conditions: dict[str, Any]) -> tuple[str, list[Any]]:
+    """A filter dict -> (SQL condition, parameters).
+
+    ``{"key": value}`` matches items whose metadata has exactly that value (string, number, boolean or
+    null); ``{"key": [v1, v2]}`` matches any of the values; ``"path_prefix"`` matches the start of the
+    indexed path; ``"ids"`` restricts to a list of item ids. All conditions must hold.
+    """
+    if not isinstance(conditions, dict):
+        raise IndexStoreError(f"a filter must be an object of conditions, got {type(conditions).__name__}")
+    clauses: list[str] = []
+    params: list[Any] = []
+    for key, value in conditions.items():
+        if key == "path_prefix":
+            if not isinstance(value, str) or not value:
+                raise IndexStoreError("filter 'path_prefix' must be a non-empty string")
+            clauses.append("substr(path, 1, ?) = ?")
+            params += [len(value), value]
+            continue
+        if key == "ids":
+            if not isinstance(value, list) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value
+            ):
+                raise IndexStoreError("filter 'ids' must be a list of integer item ids")
+            if len(value) > 10_000:
+                raise IndexStoreError("filter 'ids' takes at most 10,000 ids")
+            clauses.append(f"id IN ({','.join('?' * len(value))})" if value else "0")
+            params += value
+            continue
+        if not isinstance(key, str) or not METADATA_KEY.match(key):
+            raise IndexStoreError(
+                f"filter key {key!r} is not a plain metadata name (letters, digits, '_' and '-', at most 64)"
+            )
+        values = value if isinstance(value, list) else [value]
+        if not values or len(values) > 1000:
+            raise IndexStoreError(f"filter {key!r} needs between 1 and 1,000 values")
+        alternatives = []
+        for option in values:
+            json_path = f'$."{key}"'
+            if option is None:
+                alternatives.append("(json_type(metadata, ?) = 'null')")
+                params.append(json_path)
+            elif isinstance(option, bool):
+                alternatives.append(f"(json_type(metadata, ?) = '{'true' if option else 'false'}')")
+                params.append(json_path)
+            elif isinstance(option, int | float | str):
+                alternatives.append(
+                    "(json_extract(metadata, ?) = ? AND json_type(metadata, ?) NOT IN ('true', 'false'))"
+                )
+                params += [json_path, option, json_path]
+            else:
+                raise IndexStoreError(
+                    f"filter {key!r}: values must be strings, numbers, booleans or null, got {type(option).__name__}"
+                )
+        clauses.append("(" + " OR ".join(alternatives) + ")")
+    return (" AND ".join(clauses) or "1"), params
+
+
+def _to_arrays(ids: list[int], blobs: list[bytes], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+    vectors = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), dim)
+    return np.asarray(ids, np.int64), vectors.astype(np.float32, copy=True)
