@@ -509,6 +509,35 @@ def test_open_clip_matches_open_clip_classes(tmp_path, open_clip_reference, case
         torch.testing.assert_close(ours(images, ids).logits_per_image, logits, atol=1e-4, rtol=1e-5)
 
 
+def test_open_clip_full_config_dumps_are_read(open_clip_reference):
+    """Every default of open_clip's config dataclasses is one polyclip implements (a dump of all fields
+    reads), and a timm trunk's settings are checked only for timm trunks."""
+    import dataclasses
+
+    vision = dataclasses.asdict(
+        open_clip_reference.CLIPVisionCfg(layers=2, width=64, patch_size=16, image_size=32)
+    )
+    text = dataclasses.asdict(open_clip_reference.CLIPTextCfg(width=64, heads=1, layers=1))
+    config, layout = open_clip_format.config_from_open_clip(
+        {"embed_dim": 16, "vision_cfg": vision, "text_cfg": text}
+    )
+    assert layout == "vit" and config.vision.heads == 1 and config.text.pool == "argmax"
+    timm = {**vision, "image_size": 378, "timm_model_name": "vit_so400m_patch14_siglip_378", "timm_pool": "map",
+            "timm_proj": "none"}  # fmt: skip
+    config, layout = open_clip_format.config_from_open_clip(
+        {"embed_dim": 1152, "vision_cfg": timm, "text_cfg": text}
+    )
+    assert layout == "timm" and (config.vision.width, config.vision.mlp_dim, config.vision.patch_size) == (
+        1152,
+        4304,
+        14,
+    )
+    with pytest.raises(CheckpointError, match="timm_pool"):
+        open_clip_format.config_from_open_clip(
+            {"embed_dim": 1152, "vision_cfg": {**timm, "timm_pool": "avg"}, "text_cfg": text}
+        )
+
+
 # --- ModifiedResNet: a hand-written functional reference of OpenAI's forward
 
 

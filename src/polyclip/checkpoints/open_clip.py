@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from polyclip.checkpoints.common import Checkpoint, CheckpointError, RenameTable, read_weights, rename_keys
-from polyclip.models import DualEncoderConfig, TextConfig, VisionConfig
+from polyclip.models import ConfigError, DualEncoderConfig, TextConfig, VisionConfig
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -251,23 +251,25 @@ _VISION_FIXED = {
     "ls_init_value": None, "attentional_pool": False, "pos_embed_type": "learnable",
     "final_ln_after_pool": False, "pool_type": "tok", "block_type": (None, "default"), "qk_norm": False,
     "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False, "scale_attn": False,
-    "scale_fc": False, "timm_pool": "map", "timm_proj": ("none", "linear"), "timm_proj_bias": False,
+    "scale_fc": False, "global_average_pool": False,
 }  # fmt: skip
+# ... and for a timm trunk (checked only when timm_model_name is set: ViT configs carry timm's defaults)
+_TIMM_FIXED = {"timm_pool": "map", "timm_proj": ("none", "linear"), "timm_proj_bias": False}
 _TEXT_FIXED = {
     "ls_init_value": None, "embed_cls": False, "final_ln_after_pool": False, "proj_type": ("linear", "none"),
     "hf_model_name": None, "block_type": (None, "default"), "qk_norm": False, "scaled_cosine_attn": False,
     "scale_heads": False, "scale_attn_inner": False, "scale_attn": False, "scale_fc": False,
 }  # fmt: skip
-# Settings that only matter for training or tokenisation, accepted as they are.
+# Settings read below, or that only matter for training or tokenisation.
 _VISION_FREE = set(
     "layers width head_width mlp_ratio patch_size image_size patch_dropout attn_pooler_queries attn_pooler_heads "
     "no_ln_pre output_tokens act_kwargs norm_kwargs timm_model_name timm_model_pretrained timm_drop "
-    "timm_drop_path".split()
+    "timm_drop_path n_queries timm_pool timm_proj timm_proj_bias".split()  # n_queries: older name of attn_pooler_queries
 )
 _TEXT_FREE = set(
     "context_length vocab_size hf_tokenizer_name tokenizer_mode tokenizer_kwargs width heads layers mlp_ratio "
     "pad_id eos_id no_causal_mask pool_type proj_bias output_tokens act_kwargs norm_kwargs hf_model_pretrained "
-    "hf_proj_type hf_pooler_type".split()
+    "hf_proj_type hf_pooler_type proj pooler_type".split()  # proj, pooler_type: older names of the hf_ ones
 )
 _TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "custom_text", "init_logit_scale",
              "init_logit_bias", "nonscalar_logit_scale", "cast_dtype"}  # fmt: skip
@@ -327,6 +329,7 @@ def _vision_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool) -> tup
     image_size = _square(cfg.get("image_size", 224), "open_clip vision_cfg image_size")
     width = cfg.get("width", 768)
     if cfg.get("timm_model_name"):
+        _check_settings(cfg, _TIMM_FIXED, set(cfg), "vision_cfg")  # unknown keys were checked above
         trunk = timm_siglip_trunk(cfg["timm_model_name"])
         config = VisionConfig(
             image_size=image_size, patch_size=trunk["patch_size"], width=trunk["width"], layers=trunk["layers"],
@@ -382,15 +385,15 @@ def config_from_open_clip(model_cfg: dict[str, Any]) -> tuple[DualEncoderConfig,
     if "embed_dim" not in model_cfg:
         raise CheckpointError("open_clip model_cfg has no embed_dim")
     quick_gelu = bool(model_cfg.get("quick_gelu", False))
-    vision, layout = _vision_config(model_cfg.get("vision_cfg", {}), model_cfg["embed_dim"], quick_gelu)
-    text = _text_config(model_cfg.get("text_cfg", {}), quick_gelu)
     try:
+        vision, layout = _vision_config(model_cfg.get("vision_cfg", {}), model_cfg["embed_dim"], quick_gelu)
+        text = _text_config(model_cfg.get("text_cfg", {}), quick_gelu)
         config = DualEncoderConfig(
             embed_dim=model_cfg["embed_dim"], vision=vision, text=text,
             init_logit_scale=model_cfg.get("init_logit_scale", math.log(1 / 0.07)),
             init_logit_bias=model_cfg.get("init_logit_bias"),
         )  # fmt: skip
-    except ValueError as error:
+    except ConfigError as error:
         raise CheckpointError(f"open_clip model_cfg describes no valid polyclip model: {error}") from error
     return config, layout
 

@@ -27,7 +27,7 @@ import torch
 from polyclip.checkpoints.common import Checkpoint, CheckpointError, read_weights
 from polyclip.checkpoints.loading import is_torchscript_archive
 from polyclip.checkpoints.open_clip import OPENAI_MEAN, OPENAI_STD, convert_state_dict, unwrap_state_dict
-from polyclip.models import DualEncoderConfig, TextConfig, VisionConfig
+from polyclip.models import ConfigError, DualEncoderConfig, TextConfig, VisionConfig
 
 # Entries of OpenAI's archives that record the config, not weights (clip/model.py build_model deletes them).
 CONFIG_ENTRIES = ("input_resolution", "context_length", "vocab_size")
@@ -171,10 +171,12 @@ def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
             declared = _declared_state(archive, root)
             with archive.open(f"{root}/data.pkl") as file:
                 top = _ArchiveUnpickler(file, archive, root).load()
-    except (pickle.UnpicklingError, zipfile.BadZipFile, KeyError, EOFError, ValueError) as error:
-        if isinstance(error, CheckpointError):
-            raise
-        raise CheckpointError(f"cannot read TorchScript archive {path}: {error}") from error
+    except CheckpointError:
+        raise
+    except Exception as error:  # a malformed archive fails in many ways; none of them runs its code
+        raise CheckpointError(
+            f"cannot read TorchScript archive {path}: {type(error).__name__}: {error}"
+        ) from error
     if not isinstance(top, _ScriptObject):
         raise CheckpointError(f"{path}: the archive's data.pkl does not hold a module")
     out: dict[str, torch.Tensor] = {}
@@ -204,6 +206,13 @@ def config_from_openai_state_dict(
     state_dict: dict[str, torch.Tensor], source: Path
 ) -> tuple[DualEncoderConfig, str]:
     """polyclip's config and the image key layout ("vit" or "resnet"), from the shapes as OpenAI does."""
+    try:
+        return _config_from_shapes(state_dict, source)
+    except ConfigError as error:
+        raise CheckpointError(f"{source}: the tensor shapes describe no valid CLIP model: {error}") from error
+
+
+def _config_from_shapes(state_dict: dict[str, torch.Tensor], source: Path) -> tuple[DualEncoderConfig, str]:
     _require(
         state_dict,
         ("text_projection", "positional_embedding", "token_embedding.weight", "ln_final.weight"),
