@@ -1,0 +1,135 @@
+"""``polyclip geolocate`` (StreetCLIP) and ``polyclip taxonomy`` (BioCLIP)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("geolocate")(geolocate)
+    app.command("taxonomy")(taxonomy)
+
+
+def _load_images(paths: list[Path]):
+    from polyclip.images import ImageDecodeError, load_image
+
+    loaded, skipped = [], []
+    for path in paths:
+        try:
+            loaded.append((path, load_image(path)))
+        except ImageDecodeError as error:
+            skipped.append(str(error))
+    for reason in skipped:
+        console.print(f"[yellow]skipped[/yellow] {reason}")
+    if not loaded:
+        raise ValueError("none of the images could be read")
+    return loaded
+
+
+def geolocate(
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    gazetteer: Annotated[Path, typer.Option(help="CSV: city,region,country,latitude,longitude")],
+    model: Annotated[str, typer.Option("--model", "-m")] = "streetclip",
+    strategy: Annotated[str, typer.Option(help="hierarchical (country, then city) or flat")] = "hierarchical",
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Predict where photos were taken, from a gazetteer of candidate cities."""
+    import polyclip
+    from polyclip.domains.geolocation import Gazetteer, GeoLocator
+
+    places = Gazetteer.from_csv(gazetteer)
+    loaded_model, preprocess, tokenizer = polyclip.load(model)
+    locator = GeoLocator(loaded_model, tokenizer, preprocess, places, strategy=strategy)
+    loaded = _load_images(images)
+    predictions = locator.predict([image for _, image in loaded])
+    rows = [
+        {
+            "image": str(path),
+            "city": p.place.city,
+            "region": p.place.region,
+            "country": p.place.country,
+            "latitude": p.place.latitude,
+            "longitude": p.place.longitude,
+            "country_probability": p.country_probability,
+            "city_probability": p.city_probability,
+        }
+        for (path, _), p in zip(loaded, predictions)
+    ]
+    if json_output:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="geolocation")
+    for column in ("image", "city", "country", "lat, lon", "p(country)", "p(city)"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["image"],
+            row["city"],
+            row["country"],
+            f"{row['latitude']:.3f}, {row['longitude']:.3f}",
+            f"{row['country_probability']:.3f}",
+            f"{row['city_probability']:.3f}",
+        )
+    console.print(table)
+
+
+def taxonomy(
+    images: Annotated[list[Path], typer.Argument(help="image files")],
+    taxa: Annotated[
+        Path, typer.Option(help="CSV: kingdom,phylum,class,order,family,genus,species[,common_name]")
+    ],
+    model: Annotated[str, typer.Option("--model", "-m")] = "bioclip",
+    rank: Annotated[str, typer.Option(help="kingdom ... species")] = "species",
+    within: Annotated[
+        list[str] | None, typer.Option(help="restrict to a taxon, e.g. family=Corvidae")
+    ] = None,
+    text_type: Annotated[
+        str, typer.Option(help="taxonomic, scientific, common, scientific_common, taxonomic_common")
+    ] = "taxonomic_common",
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 5,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Tree-of-life prediction at any rank, optionally within a taxon."""
+    import polyclip
+    from polyclip.domains.taxonomy import TaxonomicClassifier, read_taxa
+
+    restriction = {}
+    for item in within or []:
+        if "=" not in item:
+            raise ValueError(f"--within takes rank=name, got {item!r}")
+        key, value = item.split("=", 1)
+        restriction[key.strip()] = value.strip()
+    loaded_model, preprocess, tokenizer = polyclip.load(model)
+    classifier = TaxonomicClassifier(
+        loaded_model, tokenizer, preprocess, read_taxa(taxa), text_type=text_type
+    )
+    loaded = _load_images(images)
+    results = classifier.predict(
+        [image for _, image in loaded], rank=rank, k=top_k, within=restriction or None
+    )
+    if json_output:
+        typer.echo(
+            json.dumps(
+                {
+                    str(path): [{"taxon": " ".join(names), "probability": p} for names, p in ranking]
+                    for (path, _), ranking in zip(loaded, results)
+                },
+                indent=2,
+            )
+        )
+        return
+    for (path, _), ranking in zip(loaded, results):
+        table = Table(title=f"{path} ({rank})")
+        table.add_column("taxon")
+        table.add_column("probability", justify="right")
+        for names, probability in ranking:
+            table.add_row(" ".join(names), f"{probability:.4f}")
+        console.print(table)
