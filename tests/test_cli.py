@@ -121,3 +121,38 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
         [sys.executable, "-m", "polyclip", "info", str(tmp_path / "empty")], capture_output=True, text=True
     )
     assert result.returncode == 2 and "not a checkpoint folder" in result.stderr
+
+
+def test_convert_to_transformers_with_tokenizer(tiny_hf_clip_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import polyclip
+
+    native = tmp_path / "native"
+    assert (
+        runner.invoke(
+            app, ["convert", str(tiny_hf_clip_dir), "--to", "native", "--out", str(native)]
+        ).exit_code
+        == 0
+    )
+    hf = tmp_path / "hf"
+    result = runner.invoke(app, ["convert", str(native), "--to", "hf", "--out", str(hf)])
+    assert result.exit_code == 0, result.output
+    reference = transformers.CLIPModel.from_pretrained(hf).eval()
+    hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(hf)
+    model, _, tokenizer = polyclip.load(native)
+    texts = ["a photo of a cat", "two dogs playing in the snow!"]
+    ids = tokenizer(texts)
+    theirs = hf_tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    # transformers pads with the end token where OpenAI pads with 0; the ids up to the end token agree
+    assert torch.equal(torch.where(ids == 0, theirs, ids), theirs)
+    with torch.no_grad():
+        expected = reference.get_text_features(input_ids=theirs)
+        expected = expected if torch.is_tensor(expected) else expected.pooler_output
+        torch.testing.assert_close(model.encode_text(ids), expected, atol=1e-5, rtol=1e-5)
+    result = runner.invoke(app, ["convert", str(native), "--to", "open_clip", "--out", str(tmp_path / "oc")])
+    assert result.exit_code == 0, result.output
+    again, _, _ = polyclip.load(tmp_path / "oc")
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_text(ids), model.encode_text(ids), atol=1e-6, rtol=1e-6)

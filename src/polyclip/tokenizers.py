@@ -298,6 +298,20 @@ class ClipTokenizer:
             config["bpe_path"] = target.name
         return config
 
+    def save_hf(self, directory: str | Path) -> None:
+        """Write transformers' CLIPTokenizer files (vocab.json, merges.txt, tokenizer_config.json)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        vocabulary = _clip_vocabulary(str(self._bpe_path))
+        (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocabulary)}))
+        merges = _read_clip_merges(str(self._bpe_path))
+        (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+        specials = {"bos_token": CLIP_START_TOKEN, "eos_token": CLIP_END_TOKEN, "unk_token": CLIP_END_TOKEN,
+                    "pad_token": CLIP_END_TOKEN}
+        (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self._context_length, **specials}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         joined_words = [" ".join(_CLIP_WORD_PATTERN.findall(clean_clip_text(text))) for text in texts]
         return [encoding.ids for encoding in self._encode_texts(joined_words, add_special_tokens=False)]
@@ -463,6 +477,15 @@ class SiglipTokenizer:
         if target.resolve() != self._spiece_model_path:
             shutil.copyfile(self._spiece_model_path, target)
         return {**self.config, "spiece_model": target.name}
+
+    def save_hf(self, directory: str | Path) -> None:
+        """Write transformers' SiglipTokenizer files (spiece.model, tokenizer_config.json)."""
+        directory = Path(directory)
+        self.save(directory)
+        config = {"tokenizer_class": "SiglipTokenizer", "model_max_length": self._context_length,
+                  "do_lower_case": self.config.get("do_lower_case", True), "eos_token": "</s>",
+                  "pad_token": "</s>", "unk_token": "<unk>"}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         # transformers marks the start of the text with "▁" (and turns any "▁" inside it into a space).

@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
     app.command("info")(info)
     app.command("classify")(classify)
     app.command("embed")(embed)
+    app.command("convert")(convert)
 
 
 def models(json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
@@ -173,3 +174,25 @@ def embed(
         console.print(f"[yellow]skipped {len(summary['failures'])} unreadable file(s):[/yellow]")
         for path, reason in summary["failures"]:
             console.print(f"  {path}: {reason}")
+
+
+def convert(
+    source: Annotated[str, typer.Argument(help="registry name, hf-hub:org/repo, or a checkpoint path")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    to: Annotated[str, typer.Option(help="hf (transformers), open_clip, or native (polyclip)")] = "hf",
+) -> None:
+    """Convert a checkpoint to a transformers, open_clip or polyclip folder, tokenizer files included."""
+    import polyclip
+    from polyclip.checkpoints.export import export_hf, export_open_clip
+
+    if to not in ("hf", "open_clip", "native"):
+        raise ValueError(f"--to must be hf, open_clip or native, got {to!r}")
+    model, preprocess, tokenizer = polyclip.load(source)
+    if to == "native":
+        polyclip.save(model, preprocess, tokenizer, out)
+    elif to == "hf":
+        export_hf(model, out, preprocess.config)
+        tokenizer.save_hf(out)
+    else:
+        export_open_clip(model, out, preprocess.config)
+    console.print(f"wrote a {to} folder to {out}")
