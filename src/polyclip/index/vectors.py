@@ -91,7 +91,9 @@ def train_ivf(sample: np.ndarray, count: int, config: VectorIndexConfig):
     """An empty, trained IVF index for a collection of ``count`` vectors, from a sample (n, d)."""
     faiss = faiss_module()
     dim = sample.shape[1]
-    nlist = max(1, min(int(config.lists_per_sqrt_n * math.sqrt(count)), len(sample) // config.train_points_per_list))
+    nlist = max(
+        1, min(int(config.lists_per_sqrt_n * math.sqrt(count)), len(sample) // config.train_points_per_list)
+    )
     quantizer = faiss.IndexHNSWFlat(dim, config.hnsw_neighbors, faiss.METRIC_INNER_PRODUCT)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
     index.cp.niter = config.kmeans_iterations
