@@ -110,3 +110,11 @@ def test_precision_needs_enough_top_k():
     ranking = rank_gallery(torch.eye(3), torch.eye(3), torch.arange(3)[:, None], top_k=2)
     with pytest.raises(EvalError, match="top_k"):
         direction_metrics(ranking, torch.arange(3)[:, None], RetrievalConfig(precision_ks=(5,)))
+
+
+def test_precision_at_k_larger_than_the_gallery_divides_by_k():
+    result = evaluate_retrieval(
+        torch.eye(2), torch.eye(2), [0, 1], RetrievalConfig(recall_ks=(1, 5), precision_ks=(5,))
+    )
+    assert result.image_to_text.precision_at[5] == pytest.approx(1 / 5)
+    assert result.text_to_image.recall_at[5] == 1.0

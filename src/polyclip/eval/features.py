@@ -73,7 +73,8 @@ class _DecodedImages(torch.utils.data.Dataset):
         try:
             image = self.images.load(index)
         except _DECODE_ERRORS as error:
-            return index, None, f"{self.images.describe(index)}: {type(error).__name__}: {error}"
+            where, reason = self.images.describe(index), str(error)
+            return index, None, reason if where in reason else f"{where}: {type(error).__name__}: {reason}"
         return index, self.preprocess(image), None
 
 

@@ -16,8 +16,8 @@ position of the first positive in a stable descending sort of the scores (0-base
 scores are read from the same block products that the counting pass uses, so a positive is never
 compared against a re-computed, rounding-different copy of itself.
 
-Memory: one (query_chunk, gallery_chunk) block of scores plus two boolean masks of that size,
-and at most ``cached_blocks`` extra blocks holding positives; nothing of size (Q, G).
+Memory: one (query_chunk, gallery_chunk) block of scores plus boolean masks of that size, and at
+most ``cached_blocks`` extra blocks holding positives; nothing of size (Q, G).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ class Ranking:
     first_positive_rank: torch.Tensor  # (Q,) int64, 0-based position of the best-ranked positive
     top_indices: torch.Tensor  # (Q, K) int64 gallery indices, best first; ties at place K broken arbitrarily
     top_scores: torch.Tensor  # (Q, K) float32
+    gallery_size: int = 0
 
 
 @dataclass
@@ -147,6 +148,7 @@ def rank_gallery(
                 positive_scores[rows, cols] = scores[rows, block_positives[rows, cols] - c * chunk]
                 if len(cached) < config.cached_blocks:
                     cached[c] = scores
+                del scores  # so that the next block is not allocated while this one is alive
             best_score = positive_scores.max(dim=1).values  # (Qb,)
             is_best = block_valid & (positive_scores == best_score[:, None])
             best_index = torch.where(is_best, block_positives, _INDEX_SENTINEL).min(dim=1).values  # (Qb,)
@@ -155,21 +157,30 @@ def rank_gallery(
             block_ranks = torch.zeros(q1 - q0, dtype=torch.int64, device=device)
             running_scores = torch.empty(q1 - q0, 0, device=device)
             running_indices = torch.empty(q1 - q0, 0, dtype=torch.int64, device=device)
+            first_best, last_best = int(best_index.min()), int(best_index.max())
             for c in range(num_chunks):
                 scores = cached.pop(c) if c in cached else scores_for(c)
-                start = c * chunk
-                block_ranks += (scores > best_score[:, None]).sum(dim=1)
-                gallery_index = torch.arange(start, start + scores.shape[1], device=device)
-                tied_before = (scores == best_score[:, None]) & (gallery_index[None, :] < best_index[:, None])
-                block_ranks += tied_before.sum(dim=1)
+                start, end = c * chunk, c * chunk + scores.shape[1]
+                threshold = best_score[:, None]  # (Qb, 1)
+                if end <= first_best:  # the whole chunk precedes every best positive: its ties rank above
+                    block_ranks += (scores >= threshold).sum(dim=1)
+                elif start > last_best:  # the whole chunk follows: its ties rank below
+                    block_ranks += (scores > threshold).sum(dim=1)
+                else:
+                    gallery_index = torch.arange(start, end, device=device)
+                    tied_before = (scores == threshold) & (gallery_index[None, :] < best_index[:, None])
+                    block_ranks += (scores > threshold).sum(dim=1) + tied_before.sum(dim=1)
                 values, indices = scores.topk(min(top_k, scores.shape[1]), dim=1)
                 running_scores, running_indices = _merge_top_k(
                     running_scores, running_indices, values, indices + start, top_k
                 )
+                del scores
             ranks[q0:q1] = block_ranks.cpu()
             top_indices[q0:q1] = running_indices.cpu()
             top_scores[q0:q1] = running_scores.float().cpu()
-    return Ranking(first_positive_rank=ranks, top_indices=top_indices, top_scores=top_scores)
+    return Ranking(
+        first_positive_rank=ranks, top_indices=top_indices, top_scores=top_scores, gallery_size=num_gallery
+    )
 
 
 def _merge_top_k(
@@ -207,9 +218,9 @@ def direction_metrics(ranking: Ranking, positives: torch.Tensor, config: Retriev
     recall_at = {k: float((ranks <= k).mean()) for k in config.recall_ks}
     precision_at = {}
     for k in config.precision_ks:
-        if k > ranking.top_indices.shape[1]:
+        if ranking.top_indices.shape[1] < min(k, ranking.gallery_size):
             raise EvalError(f"precision@{k} needs the top {k} results; ask rank_gallery for top_k >= {k}")
-        top = ranking.top_indices[:, :k]  # (Q, k)
+        top = ranking.top_indices[:, :k]  # (Q, min(k, G)); a gallery smaller than k still divides by k
         hits = (top[:, :, None] == positives[:, None, :]).any(dim=2)  # (Q, k); -1 padding never matches
         precision_at[k] = float(hits.float().sum(dim=1).div(k).mean())
     return DirectionMetrics(

@@ -132,7 +132,7 @@ class ZeroShotConfig:
     templates: str | list[str] = "openai_imagenet"  # built-in set name, file, or list
     underscores_to_spaces: bool = True  # folder names like "golden_retriever" read as "golden retriever"
     top_ks: tuple[int, ...] = (1, 5)
-    chunk_size: int = 8192  # images scored at once
+    chunk_size: int | None = None  # images scored at once; None = blocks of about 2**26 scores
 
 
 def run_zero_shot(

@@ -17,6 +17,8 @@ from polyclip.eval.features import evaluation_mode
 from polyclip.eval.templates import validate_templates
 from polyclip.zero_shot import class_embeddings
 
+_BLOCK_SCORES = 2**26  # default score-block size in elements (256 MiB of float32)
+
 
 def build_zero_shot_weights(
     model, tokenizer, class_names: list[str], templates: list[str], batch_size: int = 256
@@ -51,18 +53,21 @@ def top_k_classes(
     image_features: torch.Tensor,
     class_weights: torch.Tensor,
     k: int = 5,
-    chunk_size: int = 8192,
+    chunk_size: int | None = None,
     device: str | torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best ``k`` classes per image, computed ``chunk_size`` images at a time.
 
     Returns (N, k) cosine scores and (N, k) class indices (best first). Memory is one
-    (chunk_size, C) score block, so 10,000 classes over a million images stay bounded.
+    (chunk_size, C) float32 score block; by default the chunk holds about 2**26 scores (256 MiB),
+    so 10,000 classes over a million images stay bounded.
     """
     _check(image_features, class_weights)
     device = torch.device(device) if device is not None else class_weights.device
     weights_t = class_weights.to(device=device, dtype=torch.float32).T.contiguous()  # (E, C)
-    k = min(k, weights_t.shape[1])
+    num_classes = weights_t.shape[1]
+    chunk_size = chunk_size or max(1, _BLOCK_SCORES // num_classes)
+    k = min(k, num_classes)
     scores_out, indices_out = [], []
     with torch.no_grad():
         for start in range(0, image_features.shape[0], chunk_size):
@@ -70,6 +75,7 @@ def top_k_classes(
             # Normalising the image rows does not change their ranking; it makes the scores cosines.
             scores = F.normalize(block, dim=-1) @ weights_t  # (chunk, C)
             values, indices = scores.topk(k, dim=1)
+            del scores  # the next block is not allocated while this one is alive
             scores_out.append(values.cpu())
             indices_out.append(indices.cpu())
     return torch.cat(scores_out), torch.cat(indices_out)
