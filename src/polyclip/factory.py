@@ -71,15 +71,34 @@ def finalize(
             raise ValueError(
                 "int8 dynamic quantisation runs on CPU from fp32 weights (device='cpu', dtype=None)"
             )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch marks the eager quantisation API deprecated
-            from torch.ao.quantization import quantize_dynamic
-
-            quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        quantize_int8(model)
     if compile:
         model.visual.compile(dynamic=False)
         model.text.compile(dynamic=True)  # prompts vary in length after end-token trimming
     return model
+
+
+def int8_layers(model: DualEncoder) -> list[str]:
+    """The linear layers int8 mode quantises: every one of the image tower, and the text tower's MLPs.
+
+    The text tower's attention projections stay fp32: its single pooled end-token state is sensitive to
+    their rounding (cosine to fp32 drops below 0.999 with them), and MLPs hold two thirds of its FLOPs.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and (name.startswith("visual.") or ".mlp." in name):
+            names.append(name)
+    return names
+
+
+def quantize_int8(model: DualEncoder) -> DualEncoder:
+    """Dynamic int8 quantisation (per-channel weights, activations quantised per batch), in place."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch marks the eager quantisation API deprecated
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        spec = {name: per_channel_dynamic_qconfig for name in int8_layers(model)}
+        return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
 
 
 def save(
