@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -216,7 +217,7 @@ def test_captions_formats(tmp_path):
         read_captions(tmp_path / "a.txt")
 
 
-def test_ivf_chosen_above_the_limit_with_recall_and_removal(tmp_path, tiny_encoder):
+def test_ivf_chosen_above_the_limit_with_recall_and_removal(tmp_path, tiny_encoder, monkeypatch):
     """Clustered vectors beyond exact_limit get an IVF index whose nprobe reaches the recall target."""
     rng = np.random.default_rng(0)
     dim, count = tiny_encoder.identity.embed_dim, 3000
@@ -242,6 +243,20 @@ def test_ivf_chosen_above_the_limit_with_recall_and_removal(tmp_path, tiny_encod
     found = index.search(QueryEmbeddings(queries, tiny_encoder.fingerprint), k=10)
     recall = np.mean([len(set(e.tolist()) & {h.id for h in f}) / 10 for e, f in zip(exact, found)])
     assert recall >= 0.9
+    # filters on an IVF index: small ones exactly from the stored vectors, larger ones through an id
+    # selector with proportionally more lists probed
+    subset = np.array([i for i in range(count) if f"/virtual/{i}.png".startswith("/virtual/1")])
+    subset_truth = subset[np.argsort(-(queries[:10] @ data[subset].T), axis=1)[:, :10]] + 1
+    some = QueryEmbeddings(queries[:10], tiny_encoder.fingerprint)
+    small = index.search(some, k=10, filter={"path_prefix": "/virtual/1"})
+    assert [[h.id for h in row] for row in small] == subset_truth.tolist()
+    monkeypatch.setattr("polyclip.index.index.EXACT_FILTER_LIMIT", 100)
+    large = index.search(some, k=10, filter={"path_prefix": "/virtual/1"})
+    assert all(h.path.startswith("/virtual/1") for row in large for h in row)
+    assert (
+        np.mean([len(set(t) & {h.id for h in row}) / 10 for t, row in zip(subset_truth.tolist(), large)])
+        >= 0.9
+    )
     gone = [int(i) for i in exact[0][:3]]
     index.remove(gone)
     assert not set(gone) & {
@@ -307,3 +322,34 @@ def test_concurrent_adds_and_searches(tmp_path, tiny_encoder):
     assert len(reader) == len(data) + 1
     reader.close()
     writer.close()
+
+
+def test_read_write_lock_lets_readers_share_and_writers_exclude():
+    from polyclip.index.index import ReadWriteLock
+
+    lock = ReadWriteLock()
+    both_inside = threading.Barrier(2, timeout=10)
+    readers_in = threading.Event()
+    events: list[str] = []
+
+    def reader(name):
+        with lock.read():
+            both_inside.wait()  # only passes if two readers hold the lock at once
+            readers_in.set()
+            time.sleep(0.05)
+            events.append(f"{name} read")
+
+    def writer():
+        readers_in.wait(10)
+        with lock.write():  # waits for both readers to leave
+            with lock.write(), lock.read():  # the writer may re-enter and read
+                events.append("write")
+
+    threads = [threading.Thread(target=reader, args=(n,)) for n in ("a", "b")] + [
+        threading.Thread(target=writer)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert sorted(events[:2]) == ["a read", "b read"] and events[2] == "write"

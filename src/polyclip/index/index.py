@@ -21,7 +21,8 @@ import fcntl
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,10 @@ INDEX_JSON = "index.json"
 METADATA_FILE = "metadata.sqlite"
 LOCK_FILE = "write.lock"
 FAISS_FILES = {"image": "vectors.faiss", "caption": "captions.faiss"}
-# Filters matching at most this many items are answered exactly from the stored vectors (an IVF
-# index would miss some of them in the few lists it probes).
-EXACT_FILTER_LIMIT = 50_000
+# On an IVF index, filters matching at most this many items are answered exactly from the stored
+# vectors (the few lists probed would hold few of them); larger ones probe proportionally more lists.
+# A flat index answers every filter exactly through a FAISS id selector.
+EXACT_FILTER_LIMIT = 4_096
 
 
 @dataclass
@@ -94,7 +96,7 @@ class Index:
         self._lock_handle = self._acquire_write_lock() if writable else None
         self.store = MetadataStore(self.folder / METADATA_FILE, readonly=not writable)
         self._spaces: dict[str, _LoadedSpace] = {}
-        self._lock = threading.RLock()  # guards the FAISS objects: searches, replays and saves
+        self._lock = ReadWriteLock()  # FAISS objects: concurrent searches, exclusive replays and saves
 
     # -- creation
     @classmethod
@@ -152,11 +154,18 @@ class Index:
     def spaces(self) -> list[str]:
         """Spaces that hold vectors: "image", and "caption" when captions were embedded."""
         return [
-            space for space in SPACES if self.store.count_vectors(space) or space in self._manifest["spaces"]
+            space for space in SPACES if space in self._manifest["spaces"] or self.store.has_vectors(space)
         ]
 
+    def vector_count(self, space: str = "image") -> int:
+        """Vectors searchable in ``space`` (from memory once loaded: no table scan)."""
+        with self._lock.write():
+            if space in self._spaces:
+                return int(self._loaded(space).index.ntotal)
+        return self.store.count_vectors(space)
+
     def spec(self, space: str = "image") -> IndexSpec:
-        with self._lock:
+        with self._lock.write():
             return self._loaded(space).spec
 
     def describe(self) -> dict[str, Any]:
@@ -217,7 +226,7 @@ class Index:
     def save(self) -> None:
         """Bring every FAISS index up to date, switch its type if the collection outgrew it, write it."""
         self._require_writable()
-        with self._lock:
+        with self._lock.write():
             spaces_manifest = dict(self._manifest["spaces"])
             for space in self.spaces:
                 loaded = self._loaded(space)
@@ -291,7 +300,7 @@ class Index:
 
     def refresh(self) -> None:
         """Apply changes committed since the last search (cheap when there are none)."""
-        with self._lock:
+        with self._lock.write():
             for space, loaded in self._spaces.items():
                 self._catch_up(space, loaded)
 
@@ -318,13 +327,17 @@ class Index:
         allowed = None if not filter else self.store.filter_ids(filter)
         if allowed is not None and len(allowed) == 0:
             return [[] for _ in range(len(queries.vectors))]
-        if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
-            scores, ids = self._exact_among(space, queries.vectors, k, allowed)
-        else:
-            with self._lock:
+        loaded = self._spaces.get(space)
+        if loaded is None or self.store.last_change() != loaded.applied_seq:
+            with self._lock.write():  # load, or replay what other writers committed
                 loaded = self._loaded(space)
+        with self._lock.read():  # FAISS searches may run in parallel, never during a change
+            small_filter = allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT
+            if not (small_filter and loaded.spec.type != "flat"):
                 k_eff = min(k, max(1, int(loaded.index.ntotal)))
                 scores, ids = vector_ops.search(loaded.index, loaded.spec, queries.vectors, k_eff, allowed)
+        if small_filter and loaded.spec.type != "flat":
+            scores, ids = self._exact_among(space, queries.vectors, k, allowed)
         records = self.store.get_items({int(i) for row in ids for i in row if i >= 0})
         return [
             [
@@ -350,6 +363,57 @@ class Index:
     def stored_vectors(self, ids: Sequence[int], space: str = "image") -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) as stored, e.g. to search for items similar to an indexed one."""
         return self.store.get_vectors(space, list(ids), self.identity.embed_dim)
+
+
+class ReadWriteLock:
+    """Many readers or one writer. Waiting writers go first (no starvation); the writing thread may
+    re-enter and read. A reader must not ask for the write lock while it reads."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writer: int | None = None  # thread id of the writer
+        self._depth = 0  # the writer's re-entries
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._condition:
+            inside_own_write = self._writer == me
+            if not inside_own_write:
+                while self._writer is not None or self._writers_waiting:
+                    self._condition.wait()
+                self._readers += 1
+        try:
+            yield
+        finally:
+            if not inside_own_write:
+                with self._condition:
+                    self._readers -= 1
+                    if self._readers == 0:
+                        self._condition.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._condition:
+            if self._writer == me:
+                self._depth += 1
+            else:
+                self._writers_waiting += 1
+                while self._writer is not None or self._readers:
+                    self._condition.wait()
+                self._writers_waiting -= 1
+                self._writer, self._depth = me, 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._writer = None
+                    self._condition.notify_all()
 
 
 def open_index(folder: str | Path, writable: bool = False) -> Index:

@@ -217,6 +217,10 @@ class MetadataStore:
             self._connection().execute("SELECT COUNT(*) FROM vectors WHERE space = ?", (space,)).fetchone()[0]
         )
 
+    def has_vectors(self, space: str) -> bool:
+        row = self._connection().execute("SELECT 1 FROM vectors WHERE space = ? LIMIT 1", (space,)).fetchone()
+        return row is not None
+
     def last_change(self) -> int:
         row = self._connection().execute("SELECT MAX(seq) FROM changes").fetchone()
         return int(row[0] or 0)

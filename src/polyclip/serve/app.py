@@ -101,9 +101,7 @@ class SearchService:
             index.spec(space)
 
     def _vector_counts(self) -> dict:
-        return {
-            (("space", space),): float(self.index.store.count_vectors(space)) for space in self.index.spaces
-        }
+        return {(("space", space),): float(self.index.vector_count(space)) for space in self.index.spaces}
 
     async def close(self) -> None:
         await self.text_batcher.stop()

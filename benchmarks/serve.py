@@ -1,0 +1,385 @@
+"""Search service and vector index benchmarks.
+
+Sections:
+  http  16 concurrent clients on loopback against a real `polyclip serve` process (uvicorn), run twice
+        on the same index and model: dynamic batching on (--max-batch 32) and off (--max-batch 1).
+        Reports throughput, p50 and p99 latency and the mean encoder batch size, for text queries and
+        for image queries. The model is a random-weight ViT-B-32 by default (--model for another
+        architecture; the numbers depend on the encoder's cost, not on its weights).
+  ann   1,000,000 unit vectors (d=512) drawn around 1,000 cluster centres (seeded): exact search
+        (IndexFlatIP) against the index polyclip chooses automatically for that size (IVF, nprobe
+        calibrated to recall@10 >= 0.95). Reports build time, memory (resident growth and index file
+        size), recall@10 on held-out queries, and p50/p99 latency of single-query search.
+
+    python benchmarks/serve.py                          # both sections
+    python benchmarks/serve.py --sections ann --vectors 200000
+    python benchmarks/serve.py --sections http --model tiny-vit --requests 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values) * 1000
+    return {
+        "p50_ms": round(float(np.percentile(array, 50)), 2),
+        "p99_ms": round(float(np.percentile(array, 99)), 2),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- http
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def prepare_index(folder: Path, architecture: str, items: int) -> tuple[Path, Path]:
+    """A random-weight model of ``architecture`` and an index of ``items`` random vectors under it."""
+    import torch
+
+    import polyclip
+    from polyclip.index import Encoder, Index, NewItem
+    from polyclip.tokenizers import ClipTokenizer
+    from polyclip.transforms import PRESETS, PreprocessConfig
+
+    torch.manual_seed(0)
+    model = polyclip.create_model(architecture)
+    preprocess = PreprocessConfig.from_dict({**PRESETS["clip"].to_dict(), "image_size": model.image_size})
+    model_dir = polyclip.save(model, preprocess, ClipTokenizer(), folder / "model")
+    encoder = Encoder.load(model_dir)
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((items, encoder.identity.embed_dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    with Index.create(folder / "index", encoder.identity) as index:
+        for start in range(0, items, 5000):
+            index.add(
+                [
+                    NewItem(f"/virtual/{i}.jpg", {"image": vectors[i]})
+                    for i in range(start, min(items, start + 5000))
+                ]
+            )
+        index.save()
+    return model_dir, folder / "index"
+
+
+def query_image(size: int = 256) -> bytes:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+async def client_group(base: str, kind: str, clients: int, requests_per_client: int, first: int, barrier):
+    """``clients`` concurrent clients in this process: one warm-up round, then the measured round."""
+    import httpx
+
+    image = query_image()
+    latencies: list[float] = []
+    failures = 0
+
+    async def client(number: int, http: httpx.AsyncClient, record: bool) -> None:
+        nonlocal failures
+        for i in range(requests_per_client):
+            started = time.perf_counter()
+            if kind == "text":
+                body = {"text": f"a photo of item {number * 1000 + i} on a table", "k": 10}
+                response = await http.post(base + "search", json=body)
+            else:
+                response = await http.post(base + "search", files={"image": ("q.jpg", image, "image/jpeg")})
+            if record:
+                latencies.append(time.perf_counter() - started)
+                failures += response.status_code != 200
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await asyncio.gather(*(client(first + n, http, False) for n in range(clients)))  # warm-up
+        barrier.wait()  # every process starts its measured round together
+        started = time.time()
+        await asyncio.gather(*(client(first + n, http, True) for n in range(clients)))
+        ended = time.time()
+    return latencies, failures, started, ended
+
+
+def client_process(args: tuple) -> tuple:
+    return asyncio.run(client_group(*args))
+
+
+def load_test(base: str, kind: str, clients: int, requests_per_client: int, processes: int) -> dict:
+    """``clients`` concurrent clients spread over ``processes`` client processes (so that the clients'
+    own Python overhead does not cap the measured throughput)."""
+    import multiprocessing
+
+    import httpx
+
+    before = batch_stats(httpx.get(base + "metrics").text, kind)
+    per_process = [clients // processes + (i < clients % processes) for i in range(processes)]
+    firsts = np.cumsum([0, *per_process[:-1]]).tolist()
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(processes) as pool:
+        barrier = manager.Barrier(processes)
+        jobs = [(base, kind, n, requests_per_client, f, barrier) for n, f in zip(per_process, firsts)]
+        parts = pool.map(client_process, jobs)
+    after = batch_stats(httpx.get(base + "metrics").text, kind)
+    latencies = [value for part in parts for value in part[0]]
+    elapsed = max(part[3] for part in parts) - min(part[2] for part in parts)
+    # the warm-up rounds are in the metrics too: count batches over both rounds
+    batches = after[1] - before[1]
+    return {
+        "requests": len(latencies),
+        "failed": sum(part[1] for part in parts),
+        "throughput_rps": round(len(latencies) / elapsed, 1),
+        **percentiles(latencies),
+        "mean_batch": round((after[0] - before[0]) / batches, 2) if batches else None,
+    }
+
+
+def batch_stats(text: str, kind: str) -> tuple[float, float]:
+    """(sum, count) of the encoder batch-size histogram for ``kind`` in a /metrics page."""
+    values = {}
+    for series in ("sum", "count"):
+        found = re.search(rf'polyclip_encoder_batch_size_{series}{{input="{kind}"}} (\S+)', text)
+        values[series] = float(found.group(1)) if found else 0.0
+    return values["sum"], values["count"]
+
+
+def run_server(index_dir: Path, max_batch: int, device: str | None) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    command = [
+        sys.executable, "-m", "polyclip", "serve", str(index_dir), "--port", str(port),
+        "--max-batch", str(max_batch), "--max-wait-ms", "2", "--log-level", "warning",
+    ]  # fmt: skip
+    if device:
+        command += ["--device", device]
+    server = subprocess.Popen(command)
+    base = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("the server exited during start-up")
+        try:
+            if httpx.get(base + "health", timeout=2).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("the server did not start in 300 s")
+
+
+def http_section(args) -> dict:
+    results: dict = {
+        "model": f"{args.model} (random weights)",
+        "clients": args.clients,
+        "client_processes": args.client_processes,
+        "requests_per_client": args.requests,
+        "index_vectors": args.index_items,
+        "device": args.device or "cpu",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        _, index_dir = prepare_index(Path(tmp), args.model, args.index_items)
+        for kind in args.kinds:
+            for label, max_batch in (
+                ("one at a time (max batch 1)", 1),
+                ("dynamic batching (max batch 32)", 32),
+            ):
+                server, base = run_server(index_dir, max_batch, args.device)
+                try:
+                    numbers = load_test(base, kind, args.clients, args.requests, args.client_processes)
+                finally:
+                    server.terminate()
+                    server.wait(timeout=30)
+                results[f"{kind}: {label}"] = numbers
+                print(f"  {kind:5s} {label:34s} {json.dumps(numbers)}", flush=True)
+            single = results[f"{kind}: one at a time (max batch 1)"]["throughput_rps"]
+            batched = results[f"{kind}: dynamic batching (max batch 32)"]["throughput_rps"]
+            results[f"{kind}: speed-up"] = round(batched / single, 2)
+            print(
+                f"  {kind:5s} throughput ratio batched / one at a time: {batched / single:.2f}x", flush=True
+            )
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ ann
+class ClusteredVectors:
+    """Seeded unit vectors around ``clusters`` random centres; chunk i is reproducible on its own."""
+
+    def __init__(self, count: int, dim: int, clusters: int, spread: float, seed: int = 0) -> None:
+        self.count, self.dim, self.spread, self.seed = count, dim, spread, seed
+        self.centres = self._unit(
+            np.random.default_rng(seed).standard_normal((clusters, dim), dtype=np.float32)
+        )
+        self.chunk = 50_000
+
+    @staticmethod
+    def _unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        centre = self.centres[rng.integers(0, len(self.centres), n)]
+        noise = rng.standard_normal((n, self.dim), dtype=np.float32) * (self.spread / np.sqrt(self.dim))
+        return self._unit(centre + noise)  # (n, dim)
+
+    def chunks(self):
+        for number, start in enumerate(range(0, self.count, self.chunk)):
+            n = min(self.chunk, self.count - start)
+            yield (
+                np.arange(start, start + n, dtype=np.int64),
+                self.draw(np.random.default_rng((self.seed, 1, number)), n),
+            )
+
+    def sample(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``n`` vectors: chunks are independent draws, so this is a uniform sample."""
+        ids, parts = [], []
+        for chunk_ids, vectors in self.chunks():
+            ids.append(chunk_ids)
+            parts.append(vectors)
+            if sum(len(p) for p in parts) >= n:
+                break
+        return np.concatenate(ids)[:n], np.concatenate(parts)[:n]
+
+    def queries(self, n: int) -> np.ndarray:
+        return self.draw(np.random.default_rng((self.seed, 2)), n)
+
+
+def single_query_latencies(index, queries: np.ndarray, k: int, params=None) -> list[float]:
+    latencies = []
+    for row in range(len(queries)):
+        started = time.perf_counter()
+        index.search(queries[row : row + 1], k, params=params)
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def file_bytes(index) -> int:
+    import faiss
+
+    with tempfile.NamedTemporaryFile(suffix=".faiss") as handle:
+        faiss.write_index(index, handle.name)
+        return os.path.getsize(handle.name)
+
+
+def ann_section(args) -> dict:
+    import faiss
+
+    from polyclip.index.vectors import VectorIndexConfig, build_index
+
+    data = ClusteredVectors(args.vectors, args.dim, args.clusters, args.spread)
+    queries = data.queries(args.queries)
+    k = 10
+    results: dict = {
+        "vectors": args.vectors,
+        "dim": args.dim,
+        "clusters": args.clusters,
+        "faiss_threads": faiss.omp_get_max_threads(),
+    }
+
+    memory = rss_bytes()
+    started = time.perf_counter()
+    exact = faiss.IndexFlatIP(args.dim)
+    for _, vectors in data.chunks():
+        exact.add(vectors)
+    exact_build = time.perf_counter() - started
+    exact_memory = rss_bytes() - memory
+    print(f"  exact index built in {exact_build:.1f} s", flush=True)
+    _, truth = exact.search(queries, k)  # (Q, k): batched, for recall
+    exact_latency = single_query_latencies(exact, queries[: args.exact_latency_queries], k)
+    results["exact"] = {
+        "type": "IndexFlatIP",
+        "build_s": round(exact_build, 1),
+        "rss_growth_mb": round(exact_memory / 2**20),
+        "file_mb": round(file_bytes(exact) / 2**20),
+        **percentiles(exact_latency),
+    }
+    print(f"  exact: {json.dumps(results['exact'])}", flush=True)
+
+    memory = rss_bytes()
+    started = time.perf_counter()
+    approximate, spec = build_index(args.vectors, args.dim, data.sample, data.chunks, VectorIndexConfig())
+    approximate_build = time.perf_counter() - started
+    approximate_memory = rss_bytes() - memory
+    _, found = approximate.search(queries, k)
+    recall = float(np.mean([len(set(t) & set(f)) / k for t, f in zip(truth, found)]))
+    approximate_latency = single_query_latencies(approximate, queries, k)
+    results["approximate"] = {
+        "type": f"{spec.type} ({type(approximate).__name__})",
+        "params": spec.params,
+        "build_s": round(approximate_build, 1),
+        "rss_growth_mb": round(approximate_memory / 2**20),
+        "file_mb": round(file_bytes(approximate) / 2**20),
+        "recall_at_10": round(recall, 4),
+        **percentiles(approximate_latency),
+    }
+    print(f"  approximate: {json.dumps(results['approximate'])}", flush=True)
+    ratio = results["exact"]["p99_ms"] / results["approximate"]["p99_ms"]
+    results["p99_speedup"] = round(ratio, 1)
+    print(f"  p99 exact / approximate: {ratio:.1f}x at recall@10 {recall:.4f}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sections", nargs="+", default=["http", "ann"], choices=["http", "ann"])
+    parser.add_argument("--model", default="ViT-B-32", help="architecture of the served random-weight model")
+    parser.add_argument("--device", default=None, help="device of the served model (default cpu)")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--client-processes", type=int, default=4, help="processes the clients are spread over"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=16, help="requests per client (after one warm-up round)"
+    )
+    parser.add_argument("--kinds", nargs="+", default=["text", "image"], choices=["text", "image"])
+    parser.add_argument("--index-items", type=int, default=10_000)
+    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--clusters", type=int, default=1_000)
+    parser.add_argument("--spread", type=float, default=0.5, help="noise norm around each centre")
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--exact-latency-queries", type=int, default=100)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    report = {"cpu_count": os.cpu_count()}
+    if "http" in args.sections:
+        print("http: 16 concurrent clients on loopback", flush=True)
+        report["http"] = http_section(args)
+    if "ann" in args.sections:
+        print(f"ann: {args.vectors:,} clustered unit vectors, d={args.dim}", flush=True)
+        report["ann"] = ann_section(args)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
