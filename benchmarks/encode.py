@@ -60,10 +60,20 @@ def hf_clip(arch: str, folder: Path):
     return model
 
 
+DEVICE = torch.device("cpu")
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int = 1) -> float:
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
+    synchronize()
     return (time.perf_counter() - start) / repeats
 
 
@@ -79,7 +89,8 @@ def interleave(fns: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, rounds: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    n = 8192 if DEVICE.type == "cuda" else n
+    a, b = torch.randn(n, n, dtype=dtype, device=DEVICE), torch.randn(n, n, dtype=dtype, device=DEVICE)
     for _ in range(2):
         a @ b
     best = min(timed(lambda: a @ b, 3) for _ in range(rounds))
@@ -105,9 +116,9 @@ def section_image(args, tmp: Path, results: dict):
     print(f"\n== image tower, batch {args.batch}, eager ==")
     for arch in args.archs:
         folder = tmp / arch
-        reference = hf_clip(arch, folder)
-        ours, _, _ = polyclip.load(folder)
-        pixels = torch.randn(args.batch, 3, 224, 224)
+        reference = hf_clip(arch, folder).to(DEVICE)
+        ours, _, _ = polyclip.load(folder, device=DEVICE)
+        pixels = torch.randn(args.batch, 3, 224, 224, device=DEVICE)
         with torch.inference_mode():
             diff = (hf_image(reference, pixels) - ours.encode_image(pixels)).abs().max().item()
         gflop = flops(lambda: ours.encode_image(pixels)) / 1e9
@@ -144,17 +155,18 @@ def section_image(args, tmp: Path, results: dict):
 def section_compile(args, tmp: Path, results: dict):
     import polyclip
 
-    print("\n== compiled image tower (fp32) ==")
+    print(f"\n== compiled image tower ({'bf16' if DEVICE.type == 'cuda' else 'fp32'}) ==")
     for arch in args.archs:
         folder = tmp / arch
         if not folder.exists():
             hf_clip(arch, folder)
         from transformers import CLIPModel
 
-        reference = CLIPModel.from_pretrained(folder, attn_implementation="sdpa").eval()
-        eager, _, _ = polyclip.load(folder)
-        compiled, _, _ = polyclip.load(folder, compile=True)
-        pixels = torch.randn(args.batch, 3, 224, 224)
+        dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+        reference = CLIPModel.from_pretrained(folder, attn_implementation="sdpa").eval().to(DEVICE, dtype)
+        eager, _, _ = polyclip.load(folder, device=DEVICE, dtype=dtype)
+        compiled, _, _ = polyclip.load(folder, device=DEVICE, dtype=dtype, compile=True)
+        pixels = torch.randn(args.batch, 3, 224, 224, device=DEVICE, dtype=dtype)
         with torch.inference_mode():
             start = time.perf_counter()
             compiled.encode_image(pixels)
@@ -373,7 +385,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (image and compile sections)")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        print(torch.cuda.get_device_name(), "| SDPA backends: flash", torch.backends.cuda.flash_sdp_enabled())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
