@@ -353,9 +353,7 @@ def compile_filter(conditions: dict[str, Any]) -> tuple[str, list[Any]]:
             params += [len(value), value]
             continue
         if key == "ids":
-            if not isinstance(value, list) or not all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value
-            ):
+            if not isinstance(value, list) or not all(_is_int64(v) for v in value):
                 raise IndexStoreError("filter 'ids' must be a list of integer item ids")
             if len(value) > 10_000:
                 raise IndexStoreError("filter 'ids' takes at most 10,000 ids")
@@ -378,6 +376,8 @@ def compile_filter(conditions: dict[str, Any]) -> tuple[str, list[Any]]:
             elif isinstance(option, bool):
                 alternatives.append(f"(json_type(metadata, ?) = '{'true' if option else 'false'}')")
                 params.append(json_path)
+            elif isinstance(option, int) and not _is_int64(option):
+                raise IndexStoreError(f"filter {key!r}: the integer {option} is out of range")
             elif isinstance(option, int | float | str):
                 alternatives.append(
                     "(json_extract(metadata, ?) = ? AND json_type(metadata, ?) NOT IN ('true', 'false'))"
@@ -389,6 +389,10 @@ def compile_filter(conditions: dict[str, Any]) -> tuple[str, list[Any]]:
                 )
         clauses.append("(" + " OR ".join(alternatives) + ")")
     return (" AND ".join(clauses) or "1"), params
+
+
+def _is_int64(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 def _to_arrays(ids: list[int], blobs: list[bytes], dim: int) -> tuple[np.ndarray, np.ndarray]:

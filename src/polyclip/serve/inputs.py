@@ -48,8 +48,10 @@ async def read_json(request: Request) -> dict[str, Any]:
     body = await request.body()
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
         raise ApiError(400, f"the body is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, "the JSON body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(422, f"the JSON body must be an object, got {type(data).__name__}")
     return data
@@ -109,7 +111,7 @@ def parse_filter(value: Any) -> dict[str, Any] | None:
     if isinstance(value, str):  # multipart forms carry the filter as JSON text
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise ApiError(422, "filter must be a JSON object of metadata conditions") from None
     if not isinstance(value, dict):
         raise ApiError(422, 'filter must be an object of metadata conditions, e.g. {"split": "test"}')
