@@ -431,6 +431,19 @@ def test_reference_checkpoint_round_trip(tmp_path, vocab_file, vocab_size):
         assert torch.equal(again.state_dict()[key], value), key
 
 
+def test_half_precision_reference_checkpoint_loads_in_float32(vocab_size):
+    # apex O2 (the reference's fp16 training) saves float16 weights
+    config = tiny_config(vocab_size)
+    source = ClipBert(config)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in to_reference_state_dict(source).items()}
+    model = ClipBert(config)
+    report = load_reference_weights(model, half)
+    assert report.source_dtypes == ["float16"]
+    assert {p.dtype for p in model.state_dict().values()} == {torch.float32}
+    expected = source.state_dict()["encoder.layers.0.attn.qkv.weight"].half().float()
+    assert torch.equal(model.state_dict()["encoder.layers.0.attn.qkv.weight"], expected)
+
+
 def test_reference_checkpoint_strict_errors(vocab_size):
     config = tiny_config(vocab_size)
     state_dict = to_reference_state_dict(ClipBert(config))
@@ -690,12 +703,15 @@ def test_score_videos_equals_per_clip_forward_passes(vocab_file, vocab_size):
             for v in videos
         ]
     for method in ("mean", "max", "lse"):
-        config = VideoRetrievalConfig(aggregation=method, text_batch_size=3, frame_batch_size=3)
+        config = VideoRetrievalConfig(aggregation=method, pair_batch_size=3, frame_batch_size=3)
         scores = score_videos(model, iter(videos), texts, config)
         assert scores.shape == (4, 2)
         for v in range(2):
             expected = match_scores(aggregate_clip_logits(clip_logits[v], method))
             torch.testing.assert_close(scores[:, v], expected, atol=1e-5, rtol=1e-5)
+    # lse was the last method: bfloat16 autocast stays close to it
+    bf16 = score_videos(model, videos, texts, VideoRetrievalConfig(pair_batch_size=5, bf16=True))
+    torch.testing.assert_close(bf16, scores, atol=0.05, rtol=0)
 
 
 def test_video_qa(vocab_file, vocab_size, tmp_path):

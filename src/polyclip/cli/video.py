@@ -41,6 +41,10 @@ Device = Annotated[
     str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 ]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Write the full results as JSON here.")]
+PairBatch = Annotated[
+    int, typer.Option("--pair-batch-size", help="(text, clip) pairs per cross-encoder pass.")
+]
+Bf16 = Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast (GPU: several times faster).")]
 
 
 def register(app: typer.Typer) -> None:
@@ -112,9 +116,8 @@ def retrieve(
     aggregation: Aggregation = "lse",
     max_text_length: MaxTextLength = 20,
     top_k: Annotated[int, typer.Option("--top-k", help="Videos listed per query.")] = 5,
-    text_batch_size: Annotated[
-        int, typer.Option("--text-batch-size", help="(text, clip) pairs per pass.")
-    ] = 64,
+    pair_batch_size: PairBatch = 64,
+    bf16: Bf16 = False,
     device: Device = None,
     out: Out = None,
 ) -> None:
@@ -133,7 +136,7 @@ def retrieve(
         raise ValueError("--top-k must be positive")
     device = _device(device)
     sampling, preprocess = _sampling(clips, frames, fps, size)
-    config = VideoRetrievalConfig(aggregation=aggregation, text_batch_size=text_batch_size)
+    config = VideoRetrievalConfig(aggregation=aggregation, pair_batch_size=pair_batch_size, bf16=bf16)
     video_paths = list_videos(videos)
     names = [video_name(p) for p in video_paths]
     query_file = read_queries(queries)
@@ -202,6 +205,8 @@ def qa(
     frames_fps: FramesFps = None,
     aggregation: Aggregation = "lse",
     max_text_length: MaxTextLength = 40,
+    pair_batch_size: PairBatch = 64,
+    bf16: Bf16 = False,
     device: Device = None,
     out: Out = None,
 ) -> None:
@@ -243,7 +248,7 @@ def qa(
         checkpoint, vocab, task, num_outputs, max_text_length, _device(device)
     )
     sampling, preprocess = _sampling(clips, frames, fps, size)
-    config = QAConfig(aggregation=aggregation)
+    config = QAConfig(aggregation=aggregation, pair_batch_size=pair_batch_size, bf16=bf16)
 
     predictions: list[str | int] = [""] * len(targets)
     for target in dict.fromkeys(targets):  # each video once, with all of its questions

@@ -89,6 +89,7 @@ class LoadReport:
     source: str
     dropped: list[str] = field(default_factory=list)  # checkpoint tensors deliberately not used
     initialised: list[str] = field(default_factory=list)  # model tensors left at their fresh initialisation
+    source_dtypes: list[str] = field(default_factory=list)  # floating dtypes found in the checkpoint
 
 
 def _matches(key: str, patterns: tuple[str, ...]) -> bool:
@@ -187,8 +188,17 @@ def load_reference_weights(
             if key.startswith("head."):
                 converted[key] = value
                 initialised.append(key)
+    # apex O2 training (the reference's fp16 setting) saves half-precision weights: take the model's dtypes
+    expected = model.state_dict()
+    source_dtypes = sorted(
+        {str(v.dtype).removeprefix("torch.") for v in converted.values() if v.is_floating_point()}
+    )
+    converted = {
+        k: v.to(expected[k].dtype) if k in expected and v.is_floating_point() else v
+        for k, v in converted.items()
+    }
     load_strict(model, converted, source)
-    return LoadReport(source=source, dropped=dropped, initialised=initialised)
+    return LoadReport(source=source, dropped=dropped, initialised=initialised, source_dtypes=source_dtypes)
 
 
 def _unwrap(obj: dict, path: Path) -> dict[str, torch.Tensor]:

@@ -34,8 +34,9 @@ class QAError(ValueError):
 @dataclass
 class QAConfig:
     aggregation: str = "lse"  # the MSRVTT-QA config's score_agg_func
-    text_batch_size: int = 64
+    pair_batch_size: int = 64  # (text, clip) pairs per cross-encoder pass
     frame_batch_size: int = 32
+    bf16: bool = False  # bfloat16 autocast (see VideoRetrievalConfig)
 
 
 def load_answer_vocabulary(path: str | Path) -> list[str]:
@@ -82,9 +83,9 @@ def answer_open_ended(
     if answers is not None and len(answers) != K:
         raise QAError(f"the answer vocabulary has {len(answers)} answers; the model's head has {K} outputs")
     model.eval()
-    tokens = video_tokens(model, pixels, config.frame_batch_size)
+    tokens = video_tokens(model, pixels, config.frame_batch_size, config.bf16)
     logits = aggregate_clip_logits(
-        clip_logits_for_texts(model, tokens, tokenizer(list(questions)), config.text_batch_size),
+        clip_logits_for_texts(model, tokens, tokenizer(list(questions)), config.pair_batch_size, config.bf16),
         config.aggregation,
     ).cpu()  # (M, K)
     predicted = logits.argmax(dim=1).tolist()
@@ -114,9 +115,9 @@ def answer_multiple_choice(
     num_choices = num_options.pop()
     texts = [f"{q} {option}" for q, opts in zip(questions, options) for option in opts]
     model.eval()
-    tokens = video_tokens(model, pixels, config.frame_batch_size)
+    tokens = video_tokens(model, pixels, config.frame_batch_size, config.bf16)
     clip_logits = clip_logits_for_texts(
-        model, tokens, tokenizer(texts), config.text_batch_size
+        model, tokens, tokenizer(texts), config.pair_batch_size, config.bf16
     )  # (C, M*num_choices, 1)
     clip_logits = clip_logits.view(clip_logits.shape[0], len(questions), num_choices)  # (C, M, num_choices)
     logits = aggregate_clip_logits(clip_logits, config.aggregation).cpu()  # (M, num_choices)
