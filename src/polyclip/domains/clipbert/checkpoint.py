@@ -204,7 +204,7 @@ def load_reference_weights(
 def _unwrap(obj: dict, path: Path) -> dict[str, torch.Tensor]:
     """Plain state dicts, or ``{"model": state_dict}`` (detectron2) / ``{"state_dict": ...}`` wrappers."""
     for wrapper in ("model", "state_dict"):
-        if wrapper in obj and isinstance(obj[wrapper], dict) and not isinstance(obj[wrapper], torch.Tensor):
+        if isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             break
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
@@ -221,7 +221,7 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         raise
     except Exception as error:  # e.g. pickle.UnpicklingError from the legacy (non-zip) fallback
         raise CheckpointError(
-            f"cannot read {path} as a PyTorch state dict ({type(error).__name__}: {str(error).splitlines()[0]})"
+            f"cannot read {path} as a PyTorch state dict ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"
         ) from error
 
 
