@@ -112,7 +112,13 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         # mmap needs the zip format; legacy pickles fall back to a normal read
         if "mmap" not in str(error):
             raise CheckpointError(f"cannot read {path}: {error}") from error
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as legacy_error:
+            raise CheckpointError(
+                f"cannot read {path} as a PyTorch state dict ({type(legacy_error).__name__}: {legacy_error}). "
+                "Only plain tensor checkpoints are accepted; nothing in a checkpoint is executed."
+            ) from legacy_error
     except Exception as error:
         raise CheckpointError(
             f"cannot read {path} as a PyTorch state dict ({type(error).__name__}: {error}). "
