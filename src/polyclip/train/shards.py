@@ -14,7 +14,8 @@ samples (a seeded buffer) on every pass, so every rank sees the same number of b
 Streams batch their own samples, and the data loader takes batches from its workers in turn
 (batch ``j`` from worker ``j mod K``), so after ``n`` batches worker ``w`` has produced exactly
 ``len(range(w, n, K))`` of them. Resuming skips that many batches' samples in each worker without
-decoding their images, which reproduces the uninterrupted run.
+decoding their images (and rotates the workers' roles, since the loader starts again at worker 0),
+which reproduces the uninterrupted run as long as the number of workers is the same.
 """
 
 from __future__ import annotations
@@ -149,7 +150,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The loader asks worker 0 first, so after a resume at batch n worker p continues the stream that
+        # worker (p + n) mod K had in the uninterrupted run.
+        worker = (physical + self.skip_batches) % num_workers
         produced = len(range(worker, self.skip_batches, num_workers))  # batches before the resume point
         samples = self._stream(worker, num_workers)
         for _ in range(produced * self.local_batch):  # skipped without decoding
