@@ -12,8 +12,9 @@ from polyclip.train.config import AugmentConfig, DataConfig, TrainConfigError
 from polyclip.train.data import Collate, DataError, EpochBatchSampler, PairDataset, SampleKey, read_records
 from polyclip.train.shards import ShardStream, expand_shards
 from polyclip.transforms import PreprocessConfig
-from test_train_fixtures import (
+from test_train_fixtures import (  # single_thread: autouse fixture
     colour_pairs,
+    single_thread,  # noqa: F401
     write_csv,
     write_image_folder,
     write_jsonl,

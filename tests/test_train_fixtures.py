@@ -9,6 +9,8 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (230, 210, 40)}
@@ -94,3 +96,13 @@ def write_shards(folder: Path, records: list[dict], source: Path, per_shard: int
                     archive.addfile(info, io.BytesIO(data))
         shards.append(path)
     return shards
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One torch thread for the tiny models of these tests: on a busy machine, threads that wait for each
+    other at every small operation make two threads many times slower than one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -12,7 +12,7 @@ from polyclip.train.launch import build_config
 from polyclip.train.recipes import RECIPES
 from polyclip.train.recipes.systems import BIOCLIP_TEXT_TYPES
 from polyclip.train.trainer import train
-from test_train_fixtures import COLOURS, colour_pairs, write_csv, write_jsonl, write_rsicd_json
+from test_train_fixtures import COLOURS, colour_pairs, single_thread, write_csv, write_jsonl, write_rsicd_json  # noqa: F401 (autouse fixture)
 
 
 def _rows_csv(path, header, rows):

@@ -17,7 +17,7 @@ from polyclip.train.step import ContrastiveForward, StepInputs, build_loss, forw
 from polyclip.train.trainer import Trainer, train
 from polyclip.train.wise_ft import WiseFtError, wise_ft
 from polyclip.transforms import PreprocessConfig
-from test_train_fixtures import colour_pairs, write_image_folder, write_jsonl
+from test_train_fixtures import colour_pairs, single_thread, write_image_folder, write_jsonl  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")

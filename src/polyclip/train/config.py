@@ -159,6 +159,7 @@ class TrainConfig:
     seed: int = 0
     device: str | None = None  # None: cuda:<local rank> when available, else cpu
     precision: str = "fp32"  # "fp32" or "bf16" (autocast; weights and optimiser state stay fp32)
+    threads: int | None = None  # torch CPU threads per process; None: torch's default
     # Exact gradient accumulation: the contrastive batch is split into micro-batches of this size;
     # features of the whole batch are computed first without gradients (GradCache).
     micro_batch_size: int | None = None
@@ -379,6 +380,8 @@ def _validate(config: TrainConfig) -> None:
     for dotted, value in positive.items():
         if value <= 0:
             raise TrainConfigError(f"{dotted} must be positive, got {value}")
+    if config.threads is not None and config.threads < 1:
+        raise TrainConfigError(f"threads must be positive, got {config.threads}")
     for dotted in ("data.num_workers", "eval.num_workers", "schedule.warmup_steps", "optim.weight_decay"):
         if _get(config, dotted) < 0:
             raise TrainConfigError(f"{dotted} must not be negative, got {_get(config, dotted)}")

@@ -34,6 +34,7 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     strategy: str = "none"  # "none" (one process), "ddp" or "fsdp"
+    owns_group: bool = False  # this run created the process group (and destroys it at the end)
 
     @property
     def is_main(self) -> bool:
@@ -50,10 +51,12 @@ def launched_by_torchrun() -> bool:
 
 def init_distributed(config: DistributedConfig, device: str | None = None) -> DistEnv:
     """Join the process group torchrun describes (if any) and pick this process's device."""
+    owns_group = False
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
     elif launched_by_torchrun():
+        owns_group = True
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
         backend = config.backend or ("nccl" if use_cuda else "gloo")
@@ -70,7 +73,7 @@ def init_distributed(config: DistributedConfig, device: str | None = None) -> Di
         if chosen.type == "cuda" and chosen.index is None:
             chosen = torch.device(f"cuda:{local_rank}")
     strategy = config.strategy if world_size > 1 else "none"
-    return DistEnv(rank, world_size, local_rank, chosen, strategy)
+    return DistEnv(rank, world_size, local_rank, chosen, strategy, owns_group)
 
 
 def wrap(forward: nn.Module, env: DistEnv) -> nn.Module:
@@ -159,5 +162,6 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
 
 
 def cleanup(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+    """Destroy the process group if this run created it (a group the caller made stays theirs)."""
+    if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()

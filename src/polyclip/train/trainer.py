@@ -76,6 +76,8 @@ class Trainer:
         self.config = config.validate()
         self.env: DistEnv = init_distributed(config.distributed, config.device)
         self.run_dir = config.run_dir
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.model, self.preprocess, self.tokenizer = self._build_model()
         self.frozen = self._lock_towers()
