@@ -55,7 +55,7 @@ def test_demo_command_prints_json(tmp_path):
         app, ["demo", "--json", "--steps", "2", "--train-images", "128", "--out", str(tmp_path)]
     )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output.strip().splitlines()[-1])
+    report = json.loads(result.stdout)  # the whole output is one JSON object
     assert REQUIRED_KEYS <= set(report)
 
 

@@ -173,3 +173,24 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path, strategy):
     checkpoint, _, _ = polyclip.load(run / "checkpoints" / "step_00000003")
     for (name, a), (_, b) in zip(two.state_dict().items(), checkpoint.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_torchrun_launches_a_recipe_on_two_processes(tmp_path):
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on the PATH")
+    data = write_jsonl(tmp_path / "pairs.jsonl", colour_pairs(tmp_path, 24))
+    command = [
+        torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "polyclip.train", "clip",
+        "--smoke", "--set", f"data.train={data}", "--out", str(tmp_path / "run"),
+    ]  # fmt: skip
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert "2 process(es)" in completed.stdout + completed.stderr

@@ -257,3 +257,57 @@ def test_logit_scale_is_clamped_after_each_step(tmp_path, pairs):
         trainer.train_step(batch.pixels, batch.token_ids)
         trainer.step += 1
         assert 0.0 <= float(trainer.model.logit_scale.detach()) <= math.log(100) + 1e-6
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from polyclip.train.config import LossConfig
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = polyclip.create_model("tiny-vit")
+        model.set_grad_checkpointing(checkpointing)
+        loss_fn, uses_bias = build_loss(LossConfig(), model)
+        inputs = StepInputs(ContrastiveForward(model), loss_fn, uses_bias, _nullcontext, _nullcontext)
+        tokens = torch.randint(1, 1000, (4, 8))
+        tokens[:, -1] = 49407
+        forward_backward(
+            inputs, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), tokens
+        )
+        grads.append(_grads(model))
+    for name, value in grads[0].items():
+        torch.testing.assert_close(grads[1][name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_gradient_clipping_bounds_the_total_norm():
+    from polyclip.train.trainer import clip_gradients
+
+    parameters = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    parameters[0].grad = torch.tensor([3.0, 0.0, 0.0])
+    parameters[1].grad = torch.full((2, 2), 2.0)
+    assert clip_gradients(parameters, max_norm=None) == pytest.approx(5.0)
+    assert clip_gradients(parameters, max_norm=1.0) == pytest.approx(5.0)  # the norm before clipping
+    assert clip_gradients(parameters, max_norm=None) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_open_clip_export_reloads_in_polyclip(tmp_path, pairs):
+    result = train(make_config(tmp_path, pairs, "checkpoint.export_open_clip=true", "schedule.max_steps=1"))
+    ours, _, tokenizer = polyclip.load(result.model_dir)
+    again, _, _ = polyclip.load(result.exports["open_clip"])
+    pixels, tokens = torch.randn(2, 3, 32, 32), tokenizer(["a red square", "something blue"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            again.encode_image(pixels), ours.encode_image(pixels), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(again.encode_text(tokens), ours.encode_text(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_training_streams_webdataset_shards(tmp_path):
+    from test_train_fixtures import write_shards
+
+    records = colour_pairs(tmp_path, 20, corrupt=1)
+    shards = write_shards(tmp_path / "shards", records, tmp_path, per_shard=5)
+    result = train(make_config(tmp_path, tmp_path / "shards", "schedule.max_steps=3"))
+    assert result.steps == 3 and result.skipped_images >= 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+    assert len(shards) == 4

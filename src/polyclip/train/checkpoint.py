@@ -47,14 +47,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
-    """(model state dict, optimiser state dict), full and on the CPU (collective under FSDP)."""
+def full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, sharded: bool
+) -> tuple[dict, dict | None]:
+    """(model state dict, optimiser state dict or None), full and on the CPU (collective under FSDP)."""
     if not sharded:
         model_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return model_state, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        return model_state, optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), None
     return get_state_dict(model, optimizer, options=options)
 
 

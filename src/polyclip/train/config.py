@@ -146,7 +146,8 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     every_steps: int = 10
-    progress: bool = True
+    console: bool = True  # messages (start, evaluations, skipped images) on the console
+    progress: bool = True  # a progress bar (with console)
     jsonl: bool = True
     tensorboard: bool = False
     plots: bool = True  # PNG plots of loss, learning rate and evaluation metrics at the end

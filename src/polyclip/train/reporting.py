@@ -38,7 +38,7 @@ class RunLogger:
                     "log.tensorboard needs the tensorboard package: pip install 'polyclip[train]'"
                 ) from error
             self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
-        if config.progress:
+        if config.progress and config.console:
             from tqdm.auto import tqdm
 
             self._progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -74,7 +74,7 @@ class RunLogger:
             self._progress.update(steps)
 
     def write(self, message: str) -> None:
-        if not self.enabled:
+        if not self.enabled or not self.config.console:
             return
         if self._progress is not None:
             self._progress.write(message)

@@ -386,9 +386,8 @@ class Trainer:
     def _log_train(self, logger: RunLogger, losses: list, samples: int, since: float, grad_norm) -> float:
         local_mean = float(torch.stack(losses).float().mean()) if losses else float("nan")
         total_loss, skipped = all_reduce_sum([local_mean, float(self.skipped)], self.env)
-        loss = (
-            total_loss / self.env.world_size
-        )  # the losses' convention: the mean over ranks is the global loss
+        # the losses' convention: the mean of the per-rank values is the loss of the global batch
+        loss = total_loss / self.env.world_size
         elapsed = max(time.perf_counter() - since, 1e-9)
         metrics = {
             "loss": loss,
@@ -418,7 +417,8 @@ class Trainer:
         import polyclip
 
         config, env = self.config, self.env
-        model_state, _ = ckpt.full_state(self.model, self.optimizer, env.strategy == "fsdp")
+        sharded = env.strategy == "fsdp"
+        model_state = ckpt.full_state(self.model, None, sharded)[0] if sharded else None  # collective
         skipped = int(all_reduce_sum([float(self.skipped)], env)[0])
         result = TrainResult(
             self.run_dir, None, self.step, last_loss, eval_metrics, skipped, self.skipped_examples
@@ -444,10 +444,11 @@ class Trainer:
         barrier(env)
         return result
 
-    def _cpu_model(self, model_state: dict) -> nn.Module:
+    def _cpu_model(self, model_state: dict | None) -> nn.Module:
+        """The trained model, whole: the model itself, or (FSDP) a copy built from the gathered weights."""
         import polyclip
 
-        if self.env.strategy != "fsdp":
+        if model_state is None:
             return self.model
         model = polyclip.create_model(self.model.config)
         model.load_state_dict(model_state, strict=True)

@@ -75,7 +75,9 @@ def demo_config(data_root: Path, run_dir: Path, steps: int, seed: int, verbose: 
             batch_size=256,
         ),
         checkpoint=CheckpointConfig(keep_last=1),
-        log=LogConfig(every_steps=max(1, steps // 12), progress=verbose, plots=_has_matplotlib()),
+        log=LogConfig(
+            every_steps=max(1, steps // 12), console=verbose, progress=verbose, plots=_has_matplotlib()
+        ),
     )
 
 
@@ -202,7 +204,7 @@ def _search_example(model, preprocess, tokenizer, root: Path, read_captions, enc
 
     gallery = encode_images(model, preprocess, FileImages(paths), encode).features  # (G, E)
     colour, shape = held_out_combinations()[0]
-    query = f"a large {colour} {shape}"
+    query = f"a large solid {colour} {shape}"
     with torch.no_grad():
         query_embedding = encode_texts(model, tokenizer, [query])  # (1, E), normalised
     scores = torch.nn.functional.normalize(gallery, dim=-1) @ query_embedding[0]
@@ -238,6 +240,9 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     for rank, hit in enumerate(report["search"]["top5"], start=1):
         lines.append(f"    {rank}. {hit['caption']}  (score {hit['score']:.3f})")
+    lines.append(
+        f"    {report['search']['top5_matching_colour_and_shape']} of the 5 show the queried colour and shape"
+    )
     lines.append(
         f"  {report['steps']} steps, final loss {report['final_loss']:.4f}; "
         f"{report['seconds']['total']:.0f} s in all ({report['seconds']['training']:.0f} s training)"
