@@ -94,7 +94,10 @@ def save_checkpoint(
     if temporary.exists():
         shutil.rmtree(temporary)
     preprocess_dict = preprocess.config.to_dict() if hasattr(preprocess, "config") else preprocess
-    write_native(temporary, config_model, model_state, preprocess_dict, tokenizer.config)
+    temporary.mkdir(parents=True)
+    # The tokenizer copies the files it needs (a SentencePiece model, a custom BPE) into the checkpoint.
+    tokenizer_config = tokenizer.save(temporary) if hasattr(tokenizer, "save") else tokenizer.config
+    write_native(temporary, config_model, model_state, preprocess_dict, tokenizer_config)
     torch.save(trainer_state, temporary / STATE_NAME)
     if final.exists():
         shutil.rmtree(final)

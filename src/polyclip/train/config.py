@@ -35,7 +35,7 @@ class ModelSpec:
     context_length: int | None = None  # tokenizer length; None: the text tower's (CLIP-RSICD trains at 32)
     preprocess: str | None = None  # a preset of polyclip.transforms.PRESETS; None: the model's own
     grad_checkpointing: bool = False
-    # LiT (Zhai et al. 2022): a locked tower keeps its weights; its last N blocks may still train.
+    # LiT ("Locked-image text Tuning", 2022): a locked tower keeps its weights; its last N blocks may still train.
     lock_image: bool = False
     lock_image_unlocked_blocks: int = 0
     lock_text: bool = False

@@ -1,12 +1,12 @@
 """Optimiser, learning-rate schedule and locked towers.
 
-- AdamW (Loshchilov & Hutter 2019) with two parameter groups, as open_clip's ``main.py``: weight
+- AdamW ("Decoupled Weight Decay Regularization", 2019) with two parameter groups, as open_clip's ``main.py``: weight
   decay on matrices, none on norms, biases, embeddings (token, position, class token, attention-pool
   probe) or the logit scale and bias. ``name="adam"`` adds the decay to the gradient instead
   (torch.optim.Adam's L2 penalty), which is what PubMedCLIP trained with.
 - Linear warm-up from 0 to the base rate, then cosine decay to ``min_lr`` (open_clip's
   ``cosine_lr``), linear decay (transformers' ``linear`` schedule) or a constant rate, as a pure function of the step so that resuming needs only the step number.
-- LiT ("LiT: Zero-Shot Transfer with Locked-image text Tuning", Zhai et al. 2022): a locked tower's
+- LiT ("LiT: Zero-Shot Transfer with Locked-image text Tuning", 2022): a locked tower's
   weights do not train; ``unlocked_blocks=N`` lets its last N blocks and everything after them
   (final norm, pooling head, projection) train, as open_clip's ``lock_image(unlocked_groups)``.
   BatchNorm layers of locked parts stay in eval mode, keeping their running statistics.

@@ -1,7 +1,7 @@
 """One optimisation step's forward and backward: in one piece, or with exact gradient accumulation.
 
 Exact accumulation follows GradCache ("Scaling Deep Contrastive Learning Batch Size under Memory
-Limited Setup", Gao et al. 2021; open_clip's accumulation in ``train_one_epoch`` does the same):
+Limited Setup", 2021; open_clip's accumulation in ``train_one_epoch`` does the same):
 
 1. encode every micro-batch without gradients and keep only the features, (B, E) per tower;
 2. compute the contrastive loss of the whole batch on those features as graph leaves, and its

@@ -1,6 +1,6 @@
 """WiSE-FT: weight-space ensembles of a zero-shot and a fine-tuned model.
 
-"Robust fine-tuning of zero-shot models" (Wortsman et al. 2022; reference: mlfoundations/wise-ft
+"Robust fine-tuning of zero-shot models" (2022; reference: mlfoundations/wise-ft
 ``wise_ft.py``): theta = (1 - alpha) * theta_zero_shot + alpha * theta_fine_tuned. alpha = 0 is the
 zero-shot model, 1 the fine-tuned one; intermediate values usually keep most of the fine-tuned
 accuracy while recovering the zero-shot model's robustness to distribution shift, the weakness of

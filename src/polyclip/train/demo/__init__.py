@@ -1,4 +1,5 @@
-"""``polyclip demo``: train a small CLIP offline, in a few minutes on two CPU cores, and show that it learnt.
+"""``polyclip demo``: train a small CLIP offline in well under a minute of compute on two CPU cores, and
+show that it learnt.
 
 1. Render a synthetic captioned dataset (`polyclip.train.demo.shapes`): shapes with colours, sizes,
    positions and textures; 12 of the 36 colour x shape combinations never appear in training.
@@ -6,13 +7,16 @@
    `Trainer` as any run: OpenAI's ModifiedResNet image tower (as in RN50, one bottleneck per stage,
    stem width 16) on 32-pixel images, a 2-layer text transformer, CLIP's BPE tokenizer. A ViT of the
    same cost (patch 8, width 96) learns colours as fast but shapes much more slowly from a few
-   thousand images; convolutions see edges from the first steps.
+   thousand images; convolutions see edges from the first steps. 300 steps of 64 pairs took 35 s on
+   two idle cores and under 90 s on two cores shared with several other jobs.
 3. Report zero-shot accuracy on the held-out combinations (classes: the 12 held-out captions, chance
    1/12; and against all 36 combinations, chance 1/36), text-to-image recall@5 on validation pairs
-   with distinct captions, and a text-to-image search for a held-out combination.
+   with distinct captions, and a text-to-image search for a held-out combination. The colour of an
+   unseen combination is almost always right; its shape is the hard part, which is why the 12 classes
+   pair every colour and every shape twice (one attribute alone gives 50%, chance is 8%).
 
 The model is saved with ``polyclip.save`` to the output folder, so ``polyclip classify --model OUT``
-works on it. Deterministic for a given seed (single process, fixed thread count aside).
+works on it. Deterministic for a given seed and number of threads (float sums are ordered by threads).
 """
 
 from __future__ import annotations

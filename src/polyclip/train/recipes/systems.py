@@ -36,7 +36,7 @@ def clip() -> TrainConfig:
 
 
 def siglip() -> TrainConfig:
-    """Fine-tune SigLIP ViT-B/16-224 with its own sigmoid loss (Zhai et al. 2023).
+    """Fine-tune SigLIP ViT-B/16-224 with its own sigmoid loss ("Sigmoid Loss for Language Image Pre-Training", 2023).
 
     Square resize without crops, as SigLIP's preprocessing; the sigmoid loss is chunked so that large
     batches fit. Rate and decay are polyclip's fine-tuning defaults (the paper's are for pre-training).
@@ -53,7 +53,7 @@ def siglip() -> TrainConfig:
 
 
 def pubmedclip() -> TrainConfig:
-    """PubMedCLIP (Eslami et al. 2023): CLIP ViT-B/32 fine-tuned on ROCO radiology pairs.
+    """PubMedCLIP (2023): CLIP ViT-B/32 fine-tuned on ROCO radiology pairs.
 
     ROCO's csv (``id, name, caption``; images under ``data.image_root``). From the PubMedCLIP
     repository (``configs/medclip_roco_all.yaml``, ``main/train.py``, ``lib/data_transform``): batch 64,
@@ -76,7 +76,7 @@ def pubmedclip() -> TrainConfig:
 
 
 def plip() -> TrainConfig:
-    """PLIP (Huang et al. 2023): CLIP ViT-B/32 fine-tuned on pathology image-text pairs (OpenPath).
+    """PLIP (2023): CLIP ViT-B/32 fine-tuned on pathology image-text pairs (OpenPath).
 
     Captions up to CLIP's 77 tokens. Optimiser settings are not in polyclip's references; this uses
     polyclip's CLIP fine-tuning defaults (AdamW 1e-5, weight decay 0.1, cosine).
@@ -89,7 +89,7 @@ def plip() -> TrainConfig:
 
 
 def fashionclip() -> TrainConfig:
-    """FashionCLIP (Chia et al. 2022): continue training FashionCLIP 2.0 on your own catalogue.
+    """FashionCLIP (2022): continue training FashionCLIP 2.0 on your own catalogue.
 
     A catalogue of ``{id, image, caption}`` rows (product photo and its description). FashionCLIP 2.0
     is the LAION ViT-B/32 (exact GELU) tuned on Farfetch products; its optimiser settings are not in
@@ -107,10 +107,10 @@ def fashionclip() -> TrainConfig:
 
 
 def clip_rsicd() -> TrainConfig:
-    """CLIP-RSICD (arampacha/CLIP-rsicd): CLIP ViT-B/32 fine-tuned on RSICD remote-sensing captions.
+    """CLIP-RSICD (2021): CLIP ViT-B/32 fine-tuned on RSICD remote-sensing captions.
 
     ``dataset_rsicd.json`` (``images[].filename``, ``split``, ``sentences[].raw``), the ``train`` split,
-    every one of the five captions a sample. From ``run_clip_flax_tv.py`` and ``run_clip_training_tv.sh``:
+    every one of the five captions a sample. From the CLIP-RSICD repository's ``run_clip_flax_tv.py`` and ``run_clip_training_tv.sh``:
     captions at 32 tokens, batch 1024 (128 x 8), 10 epochs, 50 warm-up steps then linear decay, betas
     (0.9, 0.98), weight decay 0.1; augmentations random crop to 80%, horizontal and vertical flips and a
     random resized crop of scale 0.8-1.2 at aspect 1. The reference also calls torchvision's
@@ -136,7 +136,7 @@ BIOCLIP_TEXT_TYPES = ("taxonomic", "scientific", "common", "scientific_common", 
 
 
 def bioclip() -> TrainConfig:
-    """BioCLIP (Stevens et al. 2024): CLIP ViT-B/16 trained with mixed text types on TreeOfLife-10M.
+    """BioCLIP (2024): CLIP ViT-B/16 trained with mixed text types on TreeOfLife-10M.
 
     Every image carries one caption per text type, in columns named as ``BIOCLIP_TEXT_TYPES``:
     taxonomic ("a photo of Animalia Chordata ... species."), scientific, common, scientific + common
@@ -158,7 +158,7 @@ def bioclip() -> TrainConfig:
 
 
 def streetclip() -> TrainConfig:
-    """StreetCLIP (Haas et al. 2023): CLIP ViT-L/14-336 trained on geotagged street-level images.
+    """StreetCLIP (2023): CLIP ViT-L/14-336 trained on geotagged street-level images.
 
     Captions are written from each image's place labels with StreetCLIP's template ("A Street View photo
     close to the town of {city} in the region of {region} in {country}."): a CSV with ``image, city,
