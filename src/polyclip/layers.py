@@ -124,10 +124,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_dim, act)
 
     def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if torch.is_grad_enabled():
+            # autograd may need every intermediate (also when only this block's weights train, as under LiT)
             x = x + self.attn(self.norm1(x), is_causal=is_causal)
             return x + self.mlp(self.norm2(x))
-        # inference: the residual stream is the block's own tensor, updated in place
+        # no_grad / inference_mode: the residual stream is the block's own tensor, updated in place
         x = x + self.attn(self.norm1(x), is_causal=is_causal)
         return x.add_(self.mlp(self.norm2(x)))
 

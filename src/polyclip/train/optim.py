@@ -118,20 +118,8 @@ def lock_tower(tower: nn.Module, unlocked_blocks: int = 0) -> list[nn.Module]:
     for module in trainable:
         for parameter in module.parameters():
             parameter.requires_grad_(True)
-    # The first trainable block receives activations without a graph; the blocks' in-place inference
-    # path would then overwrite a tensor its backward needs, so its input is made a graph leaf.
-    trainable[0].register_forward_pre_hook(_input_requires_grad)
     trainable_ids = {id(m) for module in trainable for m in module.modules()}
     return [m for m in tower.modules() if id(m) not in trainable_ids and not list(m.children())]
-
-
-def _input_requires_grad(module: nn.Module, args: tuple):
-    if not args or not torch.is_grad_enabled() or not isinstance(args[0], torch.Tensor):
-        return None
-    first = args[0]
-    if first.requires_grad or not first.is_floating_point():
-        return None
-    return (first.detach().requires_grad_(True), *args[1:])
 
 
 def keep_frozen_norms_in_eval(frozen: list[nn.Module]) -> None:
