@@ -73,8 +73,10 @@ def finalize(
             )
         quantize_int8(model)
     if compile:
-        model.visual.compile(dynamic=False)
-        model.text.compile(dynamic=True)  # prompts vary in length after end-token trimming
+        # freezing: weights become constants that inductor can prepack for its GEMMs (inference only;
+        # compile a training model yourself)
+        model.visual.compile(dynamic=False, options={"freezing": True})
+        model.text.compile(dynamic=True, options={"freezing": True})  # prompt lengths vary after trimming
     return model
 
 
