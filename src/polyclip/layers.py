@@ -67,12 +67,13 @@ class Attention(nn.Module):
     ``in_proj_weight`` (and so of OpenAI's and open_clip's checkpoints).
     """
 
-    def __init__(self, dim: int, num_heads: int, bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, bias: bool = True, dropout: float = 0.0):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.dropout = dropout  # on the attention probabilities, in training only (BERT's attention dropout)
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
@@ -80,7 +81,10 @@ class Attention(nn.Module):
     # product (the BLAS blocks the narrower output better) and leave q, k, v contiguous; on GPU one launch wins.
     split_on_cpu = True
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, is_causal: bool = False, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``attn_mask``: boolean (B, 1, 1, L) keys to attend to (a padding mask), or an additive float mask."""
         B, L, D = x.shape
         if self.split_on_cpu and x.device.type == "cpu" and isinstance(self.qkv, nn.Linear):
             weights = self.qkv.weight.chunk(3)
@@ -95,7 +99,10 @@ class Attention(nn.Module):
             q, k, v = (
                 self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             )
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)  # (B, H, L, Dh)
+        dropout = self.dropout if self.training else 0.0
+        x = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal
+        )  # (B, H, L, Dh)
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
 

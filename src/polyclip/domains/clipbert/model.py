@@ -37,36 +37,20 @@ class ClipBertInputError(ValueError):
     """Inputs to a ClipBERT model have the wrong shape or do not fit its configuration."""
 
 
-class MaskedSelfAttention(Attention):
-    """polyclip's fused-QKV attention with a key padding mask and attention-probability dropout."""
-
-    def __init__(self, dim: int, num_heads: int, dropout: float):
-        super().__init__(dim, num_heads)
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor, attend: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, D = x.shape
-        # (B, L, 3D) -> (3, B, H, L, Dh)
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        dropout = self.dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=dropout)  # (B, H, L, Dh)
-        return self.proj(x.transpose(1, 2).reshape(B, L, D))
-
-
 class PostNormLayer(nn.Module):
     """BERT's layer: ``LN(x + attn(x))`` then ``LN(x + mlp(x))``, dropout on both branch outputs."""
 
     def __init__(self, config: CrossEncoderConfig):
         super().__init__()
         D = config.hidden_size
-        self.attn = MaskedSelfAttention(D, config.num_heads, config.attention_dropout)
+        self.attn = Attention(D, config.num_heads, dropout=config.attention_dropout)
         self.attn_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.mlp = Mlp(D, config.intermediate_size, config.activation)
         self.mlp_norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, attend: torch.Tensor | None) -> torch.Tensor:
-        x = self.attn_norm(x + self.dropout(self.attn(x, attend)))
+        x = self.attn_norm(x + self.dropout(self.attn(x, attn_mask=attend)))
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 
