@@ -32,6 +32,42 @@ class Checkpoint:
 # A rename table is a list of (pattern, replacement) applied with re.fullmatch, first match wins.
 RenameTable = list[tuple[str, str]]
 
+# Rename tables from name templates.
+# A template names a key with placeholders; the same placeholders appear on both sides, so one list of
+# pairs gives the table in both directions (reading and exporting).
+
+_PLACEHOLDERS = {
+    "i": r"\d+",  # a block index
+    "w": r"weight|bias",
+    "bn": r"weight|bias|running_mean|running_var|num_batches_tracked",  # a BatchNorm tensor
+    "qkv": r"q|k|v",
+    "fc": r"fc1|fc2",
+}
+TemplatePairs = list[tuple[str, str]]
+
+
+def _template_pattern(template: str) -> str:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
+    return "".join(
+        re.escape(part) if index % 2 == 0 else f"(?P<{part}>{_PLACEHOLDERS[part]})"
+        for index, part in enumerate(parts)
+    )
+
+
+def _template_replacement(template: str) -> str:
+    return re.sub(r"\{(\w+)\}", lambda match: rf"\g<{match.group(1)}>", template)
+
+
+def template_renames(pairs: TemplatePairs, reverse: bool = False) -> RenameTable:
+    """A rename table from (source template, target template) pairs; ``reverse`` swaps the sides."""
+    return [
+        (
+            _template_pattern(target if reverse else source),
+            _template_replacement(source if reverse else target),
+        )
+        for source, target in pairs
+    ]
+
 
 def rename_keys(
     state_dict: dict[str, torch.Tensor], table: RenameTable, ignore: tuple[str, ...] = ()

@@ -24,14 +24,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from polyclip.checkpoints.common import CheckpointError
+from polyclip.checkpoints import hf
+from polyclip.checkpoints.common import CheckpointError, TemplatePairs, template_renames
 from polyclip.checkpoints.open_clip import (
     CONFIG_NAME as OPEN_CLIP_CONFIG_NAME,
 )
 from polyclip.checkpoints.open_clip import (
     OPENAI_MEAN,
     OPENAI_STD,
-    template_renames,
     to_open_clip_config,
     to_open_clip_state_dict,
 )
@@ -48,49 +48,6 @@ class ExportError(CheckpointError, NotImplementedError):
 # transformers
 
 
-def _hf_block_pairs(ours: str, theirs: str) -> list[tuple[str, str]]:
-    return [
-        (f"{ours}.{{i}}.norm1.{{w}}", f"{theirs}.{{i}}.layer_norm1.{{w}}"),
-        # polyclip's fused qkv is split into q_proj/k_proj/v_proj before renaming
-        (f"{ours}.{{i}}.attn.{{qkv}}_proj.{{w}}", f"{theirs}.{{i}}.self_attn.{{qkv}}_proj.{{w}}"),
-        (f"{ours}.{{i}}.attn.proj.{{w}}", f"{theirs}.{{i}}.self_attn.out_proj.{{w}}"),
-        (f"{ours}.{{i}}.norm2.{{w}}", f"{theirs}.{{i}}.layer_norm2.{{w}}"),
-        (f"{ours}.{{i}}.mlp.fc1.{{w}}", f"{theirs}.{{i}}.mlp.fc1.{{w}}"),
-        (f"{ours}.{{i}}.mlp.fc2.{{w}}", f"{theirs}.{{i}}.mlp.fc2.{{w}}"),
-    ]
-
-
-_HF_COMMON = [
-    ("visual.patch_embed.{w}", "vision_model.embeddings.patch_embedding.{w}"),
-    ("visual.pos_embed", "vision_model.embeddings.position_embedding.weight"),
-    *_hf_block_pairs("visual.transformer.blocks", "vision_model.encoder.layers"),
-    ("visual.norm.{w}", "vision_model.post_layernorm.{w}"),
-    ("text.token_embedding.weight", "text_model.embeddings.token_embedding.weight"),
-    ("text.pos_embed", "text_model.embeddings.position_embedding.weight"),
-    *_hf_block_pairs("text.transformer.blocks", "text_model.encoder.layers"),
-    ("text.norm.{w}", "text_model.final_layer_norm.{w}"),
-    ("logit_scale", "logit_scale"),
-]
-HF_PAIRS = {
-    "clip": [
-        *_HF_COMMON,
-        ("visual.class_embedding", "vision_model.embeddings.class_embedding"),
-        ("visual.norm_pre.{w}", "vision_model.pre_layrnorm.{w}"),  # sic: transformers' spelling
-        ("visual.proj.weight", "visual_projection.weight"),
-        ("text.proj.weight", "text_projection.weight"),
-    ],
-    "siglip": [
-        *_HF_COMMON,
-        ("visual.head.probe", "vision_model.head.probe"),
-        ("visual.head.attn.in_proj_{w}", "vision_model.head.attention.in_proj_{w}"),  # fused below
-        ("visual.head.attn.proj.{w}", "vision_model.head.attention.out_proj.{w}"),
-        ("visual.head.norm.{w}", "vision_model.head.layernorm.{w}"),
-        ("visual.head.mlp.fc1.{w}", "vision_model.head.mlp.fc1.{w}"),
-        ("visual.head.mlp.fc2.{w}", "vision_model.head.mlp.fc2.{w}"),
-        ("text.proj.{w}", "text_model.head.{w}"),
-        ("logit_bias", "logit_bias"),
-    ],
-}
 # polyclip activation names -> transformers' ACT2FN names
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 # transformers CLIP pools at the argmax token id when eos_token_id is 2 (configs saved before v4.31)
@@ -98,9 +55,10 @@ _HF_ARGMAX_EOS = 2
 
 
 def _rename_all(
-    state_dict: dict[str, torch.Tensor], pairs: list[tuple[str, str]], target: str
+    state_dict: dict[str, torch.Tensor], pairs: TemplatePairs, target: str
 ) -> dict[str, torch.Tensor]:
-    table = [(re.compile(pattern), replacement) for pattern, replacement in template_renames(pairs)]
+    """polyclip names -> the target's, through the reader's (target, polyclip) pairs in reverse."""
+    table = [(re.compile(p), replacement) for p, replacement in template_renames(pairs, reverse=True)]
     out, unmapped = {}, []
     for key, value in state_dict.items():
         for pattern, replacement in table:
@@ -215,7 +173,7 @@ def hf_config(config: DualEncoderConfig, dtype: torch.dtype = torch.float32) -> 
 
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
     """polyclip key names -> transformers' (the inverse of `polyclip.checkpoints.hf.convert_state_dict`)."""
-    out = _rename_all(_split_qkv(state_dict), HF_PAIRS[model_type], f"transformers {model_type}")
+    out = _rename_all(_split_qkv(state_dict), hf.PAIRS[model_type], f"transformers {model_type}")
     if model_type == "siglip":
         for name in ("logit_scale", "logit_bias"):
             out[name] = out[name].reshape(1)  # SiglipModel keeps shape (1,)

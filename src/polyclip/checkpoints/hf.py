@@ -18,10 +18,12 @@ import torch
 from polyclip.checkpoints.common import (
     Checkpoint,
     CheckpointError,
+    TemplatePairs,
     fuse_all_qkv,
     read_weights,
     rename_keys,
     split_rows,
+    template_renames,
 )
 from polyclip.models import DualEncoderConfig, TextConfig, VisionConfig
 
@@ -85,49 +87,54 @@ _ACTIVATIONS = {
     "gelu_fast": "gelu_tanh",
 }
 
-_BLOCK_RENAMES = [
-    (r"layer_norm1\.(weight|bias)", r"norm1.\1"),
-    (r"layer_norm2\.(weight|bias)", r"norm2.\1"),
-    (r"self_attn\.out_proj\.(weight|bias)", r"attn.proj.\1"),
-    (r"self_attn\.(q|k|v)_proj\.(weight|bias)", r"attn.\1_proj.\2"),
-    (r"mlp\.(fc1|fc2)\.(weight|bias)", r"mlp.\1.\2"),
-]
 
-
-def _rename_table() -> list[tuple[str, str]]:
-    table = []
-    for hf_prefix, ours in (("vision_model", "visual"), ("text_model", "text")):
-        for pattern, repl in _BLOCK_RENAMES:
-            # shift the group numbers of the block rule by one: group 1 is the layer index
-            shifted = repl.replace(r"\2", r"\3").replace(r"\1", r"\2")
-            table.append(
-                (
-                    rf"{hf_prefix}\.encoder\.layers\.(\d+)\.{pattern}",
-                    rf"{ours}.transformer.blocks.\1.{shifted}",
-                )
-            )
-    table += [
-        (r"vision_model\.embeddings\.patch_embedding\.(weight|bias)", r"visual.patch_embed.\1"),
-        (r"vision_model\.embeddings\.class_embedding", "visual.class_embedding"),
-        (r"vision_model\.embeddings\.position_embedding\.weight", "visual.pos_embed"),
-        (r"vision_model\.pre_layrnorm\.(weight|bias)", r"visual.norm_pre.\1"),
-        (r"vision_model\.post_layernorm\.(weight|bias)", r"visual.norm.\1"),
-        (r"vision_model\.head\.probe", "visual.head.probe"),
-        (r"vision_model\.head\.attention\.out_proj\.(weight|bias)", r"visual.head.attn.proj.\1"),
-        (r"vision_model\.head\.attention\.in_proj_(weight|bias)", r"visual.head.attn.in_proj_\1"),
-        (r"vision_model\.head\.layernorm\.(weight|bias)", r"visual.head.norm.\1"),
-        (r"vision_model\.head\.mlp\.(fc1|fc2)\.(weight|bias)", r"visual.head.mlp.\1.\2"),
-        (r"visual_projection\.weight", "visual.proj.weight"),
-        (r"text_model\.embeddings\.token_embedding\.weight", "text.token_embedding.weight"),
-        (r"text_model\.embeddings\.position_embedding\.weight", "text.pos_embed"),
-        (r"text_model\.final_layer_norm\.(weight|bias)", r"text.norm.\1"),
-        (r"text_model\.head\.(weight|bias)", r"text.proj.\1"),
-        (r"text_projection\.weight", "text.proj.weight"),
+def _block_pairs(theirs: str, ours: str) -> TemplatePairs:
+    """One encoder layer. q/k/v keep separate names here: the reader fuses them after renaming into
+    polyclip's ``attn.qkv``, the exporter splits ``attn.qkv`` before renaming back."""
+    return [
+        (f"{theirs}.{{i}}.layer_norm1.{{w}}", f"{ours}.{{i}}.norm1.{{w}}"),
+        (f"{theirs}.{{i}}.self_attn.{{qkv}}_proj.{{w}}", f"{ours}.{{i}}.attn.{{qkv}}_proj.{{w}}"),
+        (f"{theirs}.{{i}}.self_attn.out_proj.{{w}}", f"{ours}.{{i}}.attn.proj.{{w}}"),
+        (f"{theirs}.{{i}}.layer_norm2.{{w}}", f"{ours}.{{i}}.norm2.{{w}}"),
+        (f"{theirs}.{{i}}.mlp.fc1.{{w}}", f"{ours}.{{i}}.mlp.fc1.{{w}}"),
+        (f"{theirs}.{{i}}.mlp.fc2.{{w}}", f"{ours}.{{i}}.mlp.fc2.{{w}}"),
     ]
-    return table
 
 
-RENAMES = _rename_table()
+_COMMON_PAIRS: TemplatePairs = [
+    ("vision_model.embeddings.patch_embedding.{w}", "visual.patch_embed.{w}"),
+    ("vision_model.embeddings.position_embedding.weight", "visual.pos_embed"),
+    *_block_pairs("vision_model.encoder.layers", "visual.transformer.blocks"),
+    ("vision_model.post_layernorm.{w}", "visual.norm.{w}"),
+    ("text_model.embeddings.token_embedding.weight", "text.token_embedding.weight"),
+    ("text_model.embeddings.position_embedding.weight", "text.pos_embed"),
+    *_block_pairs("text_model.encoder.layers", "text.transformer.blocks"),
+    ("text_model.final_layer_norm.{w}", "text.norm.{w}"),
+    ("logit_scale", "logit_scale"),
+]
+# (transformers name, polyclip name) templates per model type: read forwards, exported in reverse
+PAIRS: dict[str, TemplatePairs] = {
+    "clip": [
+        *_COMMON_PAIRS,
+        ("vision_model.embeddings.class_embedding", "visual.class_embedding"),
+        ("vision_model.pre_layrnorm.{w}", "visual.norm_pre.{w}"),  # sic: transformers' spelling
+        ("visual_projection.weight", "visual.proj.weight"),
+        ("text_projection.weight", "text.proj.weight"),
+    ],
+    "siglip": [
+        *_COMMON_PAIRS,
+        ("vision_model.head.probe", "visual.head.probe"),
+        # nn.MultiheadAttention's fused in_proj: split into the MAP head's q and kv after renaming
+        ("vision_model.head.attention.in_proj_{w}", "visual.head.attn.in_proj_{w}"),
+        ("vision_model.head.attention.out_proj.{w}", "visual.head.attn.proj.{w}"),
+        ("vision_model.head.layernorm.{w}", "visual.head.norm.{w}"),
+        ("vision_model.head.mlp.{fc}.{w}", "visual.head.mlp.{fc}.{w}"),
+        ("text_model.head.{w}", "text.proj.{w}"),
+        ("logit_bias", "logit_bias"),
+    ],
+}
+# reading does not need the model type: the two tables never map one name two ways
+RENAMES = template_renames(list(dict.fromkeys(PAIRS["clip"] + PAIRS["siglip"])))
 # buffers that older transformers versions saved; they carry no weights
 IGNORED = (r".*\.position_ids",)
 

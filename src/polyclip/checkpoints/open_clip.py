@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from polyclip.checkpoints.common import Checkpoint, CheckpointError, RenameTable, read_weights, rename_keys
+from polyclip.checkpoints.common import (
+    Checkpoint,
+    CheckpointError,
+    TemplatePairs,
+    read_weights,
+    rename_keys,
+    template_renames,
+)
 from polyclip.models import ConfigError, DualEncoderConfig, TextConfig, VisionConfig
 
 CONFIG_NAME = "open_clip_config.json"
@@ -30,42 +37,6 @@ WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # OpenAI CLIP's image statistics (clip/clip.py), open_clip's defaults (constants.py)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# ---------------------------------------------------------------------------------------------------------
-# Rename tables from name templates.
-# A template names a key with placeholders; the same placeholders appear on both sides, so one list of
-# pairs gives the table in both directions (reading and exporting).
-
-_PLACEHOLDERS = {
-    "i": r"\d+",  # a block index
-    "w": r"weight|bias",
-    "bn": r"weight|bias|running_mean|running_var|num_batches_tracked",  # a BatchNorm tensor
-    "qkv": r"q|k|v",
-}
-TemplatePairs = list[tuple[str, str]]
-
-
-def _template_pattern(template: str) -> str:
-    parts = re.split(r"\{(\w+)\}", template)  # literal, name, literal, name, ...
-    return "".join(
-        re.escape(part) if index % 2 == 0 else f"(?P<{part}>{_PLACEHOLDERS[part]})"
-        for index, part in enumerate(parts)
-    )
-
-
-def _template_replacement(template: str) -> str:
-    return re.sub(r"\{(\w+)\}", lambda match: rf"\g<{match.group(1)}>", template)
-
-
-def template_renames(pairs: TemplatePairs, reverse: bool = False) -> RenameTable:
-    """A rename table from (source template, target template) pairs; ``reverse`` swaps the sides."""
-    return [
-        (
-            _template_pattern(target if reverse else source),
-            _template_replacement(source if reverse else target),
-        )
-        for source, target in pairs
-    ]
 
 
 def _block_pairs(theirs: str, ours: str) -> TemplatePairs:
@@ -597,7 +568,6 @@ __all__ = [
     "convert_state_dict",
     "preprocess_from_open_clip",
     "read_open_clip",
-    "template_renames",
     "to_open_clip_config",
     "to_open_clip_state_dict",
     "tokenizer_from_open_clip",
