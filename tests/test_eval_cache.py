@@ -1,9 +1,11 @@
 """Feature extraction and the on-disk cache: identical features on a hit, invalidation on change."""
 
+import pytest
 import torch
 
 from polyclip.eval.cache import FeatureCache, ModelFeatures, state_dict_fingerprint
 from polyclip.eval.data import FileImages, read_image_folder
+from polyclip.eval.errors import EvalError
 from polyclip.eval.features import EncodeConfig, encode_images
 from test_eval_support import COLOURS, FakePreprocess, FakeTokenizer, colour_folder, fake_triple, save_square
 
@@ -35,13 +37,24 @@ def test_unreadable_images_are_skipped_and_reported(tmp_path):
     assert encoded.features.shape == (3, 3) and encoded.features.dtype == torch.float32
 
 
-def test_worker_processes_give_the_same_features(tmp_path):
+def test_decoding_threads_give_the_same_features(tmp_path):
     data = read_image_folder(colour_folder(tmp_path, ["red", "green", "blue"], per_class=3))
     model, preprocess, _ = fake_triple()
     in_process = encode_images(model, preprocess, data.images, EncodeConfig(batch_size=4, num_workers=0))
     workers = encode_images(model, preprocess, data.images, EncodeConfig(batch_size=4, num_workers=2))
     assert torch.equal(in_process.features, workers.features)
     assert in_process.indices.tolist() == workers.indices.tolist() == list(range(9))
+
+
+def test_preprocessing_of_mixed_shapes_is_a_clear_error(tmp_path):
+    data = read_image_folder(colour_folder(tmp_path, ["red", "green"], per_class=2))
+    model, preprocess, _ = fake_triple()
+    def mixed(image):  # green images come out 2 x 2, red ones 4 x 4
+        pixels = preprocess(image)
+        return pixels[:, :2, :2] if pixels[1].mean() > pixels[0].mean() else pixels
+
+    with pytest.raises(EvalError, match="different shapes"):
+        encode_images(model, mixed, data.images, EncodeConfig(batch_size=4, num_workers=1))
 
 
 def test_encode_restores_training_mode_and_batches_texts(tmp_path):

@@ -1,29 +1,35 @@
-"""Batched encoding of image files with decoding overlapped with compute.
+"""Batched encoding of images with decoding overlapped with compute.
 
 Images are decoded and preprocessed by a thread pool (Pillow releases the GIL while it decodes and
-resizes) a few batches ahead of the model, so the encoder rarely waits. Unreadable files are skipped
-and reported, never fatal.
+resizes) a few batches ahead of the model, so the encoder rarely waits. Unreadable images are skipped
+and reported, never fatal. The items are file paths, or anything else the ``preprocess`` callable turns
+into a tensor (the evaluation datasets pass their indices).
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from polyclip.images import ImageDecodeError, is_image_file
 
 
+class MixedShapesError(ValueError):
+    """The preprocessing returned tensors of different shapes for the images of one batch."""
+
+
 @dataclass
 class ImageBatch:
-    paths: list[str]  # the files that decoded, in order
+    items: list[Any]  # the items (paths) that decoded, in order
     pixels: torch.Tensor  # (B, 3, H, W)
-    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of skipped files
+    failures: list[tuple[Any, str]] = field(default_factory=list)  # (item, reason) of skipped items
 
 
 def list_images(sources: Iterable[str | os.PathLike]) -> list[str]:
@@ -40,29 +46,33 @@ def list_images(sources: Iterable[str | os.PathLike]) -> list[str]:
     return paths
 
 
-def _decode(preprocess: Callable, path: str) -> torch.Tensor | str:
+def _decode(preprocess: Callable, item: Hashable) -> torch.Tensor | str:
     try:
-        return preprocess(path)
+        return preprocess(item)
     except ImageDecodeError as error:
         return str(error)
     except OSError as error:
-        return f"{path}: {error}"
+        return f"{item}: {error}"
 
 
 def iter_image_batches(
-    paths: Sequence[str],
+    items: Sequence[Any],
     preprocess: Callable,
     batch_size: int = 32,
     workers: int | None = None,
     prefetch: int = 2,
 ) -> Iterator[ImageBatch]:
-    """Decoded, preprocessed batches in input order; ``prefetch`` batches are decoded ahead."""
+    """Decoded, preprocessed batches in input order; ``prefetch`` batches are decoded ahead.
+
+    ``preprocess(item)`` returns a (3, H, W) tensor, or raises `ImageDecodeError` (or OSError) for an
+    item that cannot be read: that item is listed in the batch's failures.
+    """
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="polyclip-decode") as pool:
         pending: deque = deque()
-        chunks = (paths[i : i + batch_size] for i in range(0, len(paths), batch_size))
+        chunks = (items[i : i + batch_size] for i in range(0, len(items), batch_size))
         for chunk in chunks:
-            pending.append((chunk, [pool.submit(_decode, preprocess, p) for p in chunk]))
+            pending.append((chunk, [pool.submit(_decode, preprocess, item) for item in chunk]))
             if len(pending) <= prefetch:
                 continue
             yield _collect(*pending.popleft())
@@ -70,32 +80,35 @@ def iter_image_batches(
             yield _collect(*pending.popleft())
 
 
-def _collect(chunk: Sequence[str], futures) -> ImageBatch:
-    ok_paths, tensors, failures = [], [], []
-    for path, future in zip(chunk, futures):
+def _collect(chunk: Sequence[Any], futures) -> ImageBatch:
+    decoded, tensors, failures = [], [], []
+    for item, future in zip(chunk, futures):
         result = future.result()
         if isinstance(result, str):
-            failures.append((path, result))
+            failures.append((item, result))
         else:
-            ok_paths.append(path)
+            decoded.append(item)
             tensors.append(result)
+    shapes = sorted({tuple(tensor.shape) for tensor in tensors})
+    if len(shapes) > 1:
+        raise MixedShapesError(f"preprocessing returned images of different shapes: {shapes}")
     pixels = torch.stack(tensors) if tensors else torch.zeros(0, 3, 1, 1)
-    return ImageBatch(ok_paths, pixels, failures)
+    return ImageBatch(decoded, pixels, failures)
 
 
 @torch.inference_mode()
 def embed_images(
     model,
     preprocess: Callable,
-    paths: Sequence[str],
+    items: Sequence[Any],
     batch_size: int = 32,
     normalize: bool = True,
     workers: int | None = None,
-) -> Iterator[tuple[list[str], torch.Tensor, list[tuple[str, str]]]]:
-    """Yields (paths, embeddings (B, E) float32 on CPU, failures) per batch."""
-    for batch in iter_image_batches(paths, preprocess, batch_size, workers):
-        if batch.paths:
+) -> Iterator[tuple[list[Any], torch.Tensor, list[tuple[Any, str]]]]:
+    """Yields (items that decoded, embeddings (B, E) float32 on CPU, failures) per batch."""
+    for batch in iter_image_batches(items, preprocess, batch_size, workers):
+        if batch.items:
             embeddings = model.encode_image(batch.pixels, normalize=normalize).float().cpu()
         else:
             embeddings = torch.zeros(0, model.config.embed_dim)
-        yield batch.paths, embeddings, batch.failures
+        yield batch.items, embeddings, batch.failures

@@ -1,7 +1,8 @@
 """Batched image feature extraction through the model contract's ``encode_image``.
 
-Images are decoded and preprocessed in DataLoader worker processes; an image that cannot be
-decoded is skipped and reported (its index and the error), never silently dropped. Features come
+Images are decoded and preprocessed ahead of the model by the core's thread pool
+(`polyclip.encode.iter_image_batches`); an image that cannot be decoded is skipped and reported (its
+index and the error), never silently dropped. Features come
 back as float32 on the CPU, unnormalised: each protocol normalises as its paper does.
 """
 
@@ -15,8 +16,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from polyclip.encode import MixedShapesError, iter_image_batches
 from polyclip.eval.data import ImageSet
 from polyclip.eval.errors import EvalError
+from polyclip.images import ImageDecodeError
 
 # Decoding failures that mean "this file is not a readable image" (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -25,7 +28,7 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError
 @dataclass
 class EncodeConfig:
     batch_size: int = 64
-    num_workers: int = min(4, os.cpu_count() or 1)  # decoding processes; 0 decodes in this process
+    num_workers: int = min(4, os.cpu_count() or 1)  # decoding threads (Pillow releases the GIL); 0 = 1
     device: str | None = None  # None = the model's device
     text_batch_size: int = 256  # prompts / captions per text forward pass
 
@@ -61,32 +64,20 @@ def evaluation_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-class _DecodedImages(torch.utils.data.Dataset):
-    def __init__(self, images: ImageSet, preprocess) -> None:
-        self.images = images
-        self.preprocess = preprocess
+def _decoder(images: ImageSet, preprocess):
+    """index -> (3, H, W) pixels; a failure names the image, as `iter_image_batches` reports it."""
 
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int):
+    def decode(index: int) -> torch.Tensor:
         try:
-            image = self.images.load(index)
+            image = images.load(index)
         except _DECODE_ERRORS as error:
-            where, reason = self.images.describe(index), str(error)
-            return index, None, reason if where in reason else f"{where}: {type(error).__name__}: {reason}"
-        return index, self.preprocess(image), None
+            where, reason = images.describe(index), str(error)
+            raise ImageDecodeError(
+                reason if where in reason else f"{where}: {type(error).__name__}: {reason}"
+            ) from None
+        return preprocess(image)
 
-
-def _collate(batch):
-    indices = [index for index, pixels, _ in batch if pixels is not None]
-    tensors = [pixels for _, pixels, _ in batch if pixels is not None]
-    skipped = [(index, reason) for index, pixels, reason in batch if pixels is None]
-    if tensors and len({tuple(t.shape) for t in tensors}) > 1:
-        raise EvalError(
-            f"preprocessing returned images of different shapes: {sorted({tuple(t.shape) for t in tensors})}"
-        )
-    return indices, (torch.stack(tensors) if tensors else None), skipped
+    return decode
 
 
 def encode_images(model, preprocess, images: ImageSet, config: EncodeConfig | None = None) -> EncodedImages:
@@ -94,22 +85,21 @@ def encode_images(model, preprocess, images: ImageSet, config: EncodeConfig | No
     config = config or EncodeConfig()
     device = torch.device(config.device) if config.device else model_device(model)
     dtype = model_dtype(model)
-    loader = torch.utils.data.DataLoader(
-        _DecodedImages(images, preprocess),
-        batch_size=config.batch_size,
-        num_workers=config.num_workers,
-        collate_fn=_collate,
-        shuffle=False,
+    batches = iter_image_batches(
+        range(len(images)), _decoder(images, preprocess), config.batch_size, max(1, config.num_workers)
     )
     features, indices, skipped = [], [], []
     with evaluation_mode(model):
-        for batch_indices, pixels, batch_skipped in loader:
-            skipped += batch_skipped
-            if pixels is None:
-                continue
-            embeddings = model.encode_image(pixels.to(device=device, dtype=dtype), normalize=False)  # (B, E)
-            features.append(embeddings.float().cpu())
-            indices += batch_indices
+        try:
+            for batch in batches:
+                skipped += batch.failures
+                if not batch.items:
+                    continue
+                pixels = batch.pixels.to(device=device, dtype=dtype)
+                features.append(model.encode_image(pixels, normalize=False).float().cpu())  # (B, E)
+                indices += batch.items
+        except MixedShapesError as error:  # from a custom preprocess
+            raise EvalError(str(error)) from None
     if not features:
         raise EvalError(f"none of the {len(images)} images could be read; first error: {skipped[0][1]}")
     return EncodedImages(torch.cat(features), np.array(indices, dtype=np.int64), skipped)
