@@ -31,6 +31,7 @@ from polyclip.index import (  # noqa: E402
     read_captions,
     weights_fingerprint,
 )
+from polyclip.index import vectors as vector_ops  # noqa: E402
 from polyclip.index.build import collect_inputs  # noqa: E402
 from polyclip.index.store import compile_filter  # noqa: E402
 
@@ -167,6 +168,41 @@ def test_crash_between_commit_and_save_is_recovered(built, tiny_encoder, tmp_pat
     (folder / "vectors.faiss").write_bytes(b"corrupt")  # an unreadable file is rebuilt from SQLite
     with Index(folder) as reader:
         assert len(reader.search(tiny_encoder.encode_texts(["x"]), k=100)[0]) == len(paths) + 3 - 1
+
+
+def change_log_rows(folder) -> int:
+    with sqlite3.connect(folder / "metadata.sqlite") as db:
+        return db.execute("SELECT COUNT(*) FROM changes").fetchone()[0]
+
+
+def test_save_compacts_the_change_log_and_readers_behind_it_reload(built, tiny_encoder, tmp_path):
+    index, _, paths = built
+    folder = index.folder
+    index.save()
+    assert change_log_rows(folder) == 1  # only the newest change is kept: sequence numbers never go back
+    everything = tiny_encoder.encode_texts(["x"])
+    with Index(folder) as reader:
+        assert len(reader.search(everything, k=100)[0]) == len(paths)  # loaded at this point of the log
+        first, second = make_images(tmp_path / "a", 2, seed=7), make_images(tmp_path / "b", 2, seed=8)
+        index.add(
+            [NewItem(str(p), {"image": v}) for p, v in zip(first, tiny_encoder.encode_images(first).vectors)]
+        )
+        index.remove([2])
+        index.save()  # compacts past the reader's position
+        assert change_log_rows(folder) == 1
+        # the writer saves again: the new vector file is on disk, its manifest entry not yet
+        index.add(
+            [
+                NewItem(str(p), {"image": v})
+                for p, v in zip(second, tiny_encoder.encode_images(second).vectors)
+            ]
+        )
+        vector_ops.write_atomic(index._spaces["image"].index, folder / "vectors.faiss")
+        hits = reader.search(everything, k=100)[0]
+        ids = [hit.id for hit in hits]
+        assert len(ids) == len(set(ids)) == len(paths) + 4 - 1 and 2 not in ids
+        top = reader.search(tiny_encoder.encode_images([second[1]]), k=1)[0][0]
+        assert top.path == str(second[1]) and top.score == pytest.approx(1.0, abs=1e-4)
 
 
 def test_model_identity_is_enforced(built, tiny_encoder, other_model_dir, tiny_model_dir):

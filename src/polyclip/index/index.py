@@ -84,12 +84,7 @@ class Index:
             raise IndexStoreError(
                 f"{self.folder} is not a polyclip index (no {INDEX_JSON}); build one with 'polyclip index build'"
             )
-        self._manifest = json.loads(manifest_path.read_text())
-        if self._manifest.get("format_version") != FORMAT_VERSION:
-            raise IndexStoreError(
-                f"{manifest_path}: format_version {self._manifest.get('format_version')!r}, "
-                f"this polyclip reads {FORMAT_VERSION}"
-            )
+        self._manifest = _read_manifest(manifest_path)
         self.identity = ModelIdentity.from_dict(self._manifest["model"])
         self.config = config or VectorIndexConfig(**self._manifest.get("vector_config", {}))
         self.writable = writable
@@ -243,6 +238,9 @@ class Index:
             # the FAISS files are in place before the manifest names their sequence numbers
             self._manifest = {**self._manifest, "spaces": spaces_manifest}
             _write_json_atomic(self.folder / INDEX_JSON, self._manifest)
+            # and only then is the log they reflect dropped: opening never needs it again
+            if spaces_manifest:
+                self.store.compact_changes(min(int(s["applied_seq"]) for s in spaces_manifest.values()))
 
     def _require_writable(self) -> None:
         if not self.writable:
@@ -285,14 +283,31 @@ class Index:
             )
         return _LoadedSpace(index, spec, applied)
 
-    def _catch_up(self, space: str, loaded: _LoadedSpace) -> None:
-        """Replay the changes committed after ``loaded.applied_seq`` (by this or another process)."""
+    def _catch_up(self, space: str, loaded: _LoadedSpace, reloaded: bool = False) -> None:
+        """Replay the changes committed after ``loaded.applied_seq`` (by this or another process).
+
+        When the writer has saved and compacted the log past them, the space is reloaded from the
+        saved file instead (it reflects the dropped changes) and caught up from there. A file read
+        while the writer saves again may already hold changes its manifest entry does not name yet,
+        so after a reload an added item replaces its vector instead of being added twice.
+        """
         if self.store.last_change() == loaded.applied_seq:
             return
-        last, changes = self.store.changes_since(space, loaded.applied_seq)
-        removed = np.array(sorted({item for item, op in changes if op == "remove"}), np.int64)
+        found = self.store.changes_since(space, loaded.applied_seq)
+        if found is None:
+            self._manifest = _read_manifest(self.folder / INDEX_JSON)
+            fresh = self._open_space(space)
+            if self.store.changes_since(space, fresh.applied_seq) is None:
+                fresh = self._rebuild(space)  # a file older than the kept log: rebuilt from SQLite
+            loaded.index, loaded.spec, loaded.applied_seq = fresh.index, fresh.spec, fresh.applied_seq
+            self._catch_up(space, loaded, reloaded=True)
+            return
+        last, changes = found
+        removed = {item for item, op in changes if op == "remove"}
         added = sorted({item for item, op in changes if op == "add"})
-        vector_ops.remove(loaded.index, removed)
+        vector_ops.remove(
+            loaded.index, np.array(sorted(removed | set(added) if reloaded else removed), np.int64)
+        )
         # an item added and removed again since the last replay has no vector left: not re-added
         ids, vectors = self.store.get_vectors(space, added, self.identity.embed_dim)
         vector_ops.add(loaded.index, ids, vectors)
@@ -418,6 +433,15 @@ class ReadWriteLock:
 
 def open_index(folder: str | Path, writable: bool = False) -> Index:
     return Index(folder, writable=writable)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest = json.loads(path.read_text())
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise IndexStoreError(
+            f"{path}: format_version {manifest.get('format_version')!r}, this polyclip reads {FORMAT_VERSION}"
+        )
+    return manifest
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

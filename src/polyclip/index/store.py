@@ -225,15 +225,38 @@ class MetadataStore:
         row = self._connection().execute("SELECT MAX(seq) FROM changes").fetchone()
         return int(row[0] or 0)
 
-    def changes_since(self, space: str, seq: int) -> tuple[int, list[tuple[int, str]]]:
-        """(newest seq, [(item_id, op)] of ``space`` after ``seq``), read in one snapshot."""
+    def changes_since(self, space: str, seq: int) -> tuple[int, list[tuple[int, str]]] | None:
+        """(newest seq, [(item_id, op)] of ``space`` after ``seq``), read in one snapshot; None when the
+        log no longer reaches back to ``seq`` (compacted since): the caller reloads instead."""
         with self.snapshot() as db:
+            if seq + 1 < self.compacted_through():
+                return None
             last = int(db.execute("SELECT MAX(seq) FROM changes").fetchone()[0] or 0)
             rows = db.execute(
                 "SELECT item_id, op FROM changes WHERE space = ? AND seq > ? AND seq <= ? ORDER BY seq",
                 (space, seq, last),
             ).fetchall()
         return last, rows
+
+    def compacted_through(self) -> int:
+        """Changes before this sequence number have been deleted from the log (0: none ever were)."""
+        return int(self.get_info("compacted_through") or 0)
+
+    def compact_changes(self, through: int) -> int:
+        """Delete the changes before ``through``, which every saved vector file already reflects.
+
+        The change at ``through`` itself stays, so the newest sequence number (MAX(seq)) never goes
+        back; a reader whose vectors are older than the kept log finds `changes_since` answer None and
+        reloads the saved files. Returns the number of changes deleted.
+        """
+        with self._transaction() as db:
+            deleted = db.execute("DELETE FROM changes WHERE seq < ?", (through,)).rowcount
+            if deleted:
+                db.execute(
+                    "INSERT OR REPLACE INTO info (key, value) VALUES ('compacted_through', ?)",
+                    (str(through),),
+                )
+        return deleted
 
     def existing_paths(self, paths: Sequence[str]) -> set[str]:
         db = self._connection()
