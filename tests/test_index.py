@@ -246,7 +246,7 @@ def test_captions_formats(tmp_path):
     assert csv_notes[str(tmp_path / "x.png")].metadata == {"split": "train", "k": 1}
     assert read_captions(tmp_path / "a.jsonl")[str(tmp_path / "y.png")].metadata == {"k": 2}
     (tmp_path / "bad.jsonl").write_text("{nope\n")
-    with pytest.raises(IndexStoreError, match="bad.jsonl:1"):
+    with pytest.raises(IndexStoreError, match="bad.jsonl, line 1: not valid JSON"):
         read_captions(tmp_path / "bad.jsonl")
     (tmp_path / "a.txt").write_text("x.png a cat\n")
     with pytest.raises(IndexStoreError, match="must be .csv"):

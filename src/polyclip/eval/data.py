@@ -32,6 +32,7 @@ from PIL import Image
 
 from polyclip.eval.errors import DataError
 from polyclip.images import is_image_file, load_image
+from polyclip.records import read_json_records
 
 MNIST_CLASSES = [str(digit) for digit in range(10)]
 # Fashion-MNIST's label order (zalandoresearch/fashion-mnist README).
@@ -336,7 +337,7 @@ def read_captions(
                 raise DataError(f"CSV {path}, line {line}: empty image or caption")
             records.append((image, [text]))
     elif suffix in (".jsonl", ".json"):
-        for origin, record in _json_records(path):
+        for origin, record in read_json_records(path, DataError):
             if split is not None and record.get("split") != split:
                 continue
             if "filepath" in record and "filename" in record:  # COCO's dataset_coco.json
@@ -347,36 +348,6 @@ def read_captions(
     if not records:
         raise DataError(f"{path}: no captioned images" + (f" in split {split!r}" if split else ""))
     return _group_captions(records, base, path)
-
-
-def _json_records(path: Path) -> list[tuple[str, dict]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"cannot read {path}: {error}") from error
-    records = []
-    if path.suffix.lower() == ".jsonl":
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}, line {line_number}: not valid JSON ({error.msg})") from error
-            records.append((f"{path}, line {line_number}", record))
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from error
-        items = data.get("images") if isinstance(data, dict) else data
-        if not isinstance(items, list):
-            raise DataError(f"{path}: expected a list of records or {{'images': [...]}}")
-        records = [(f"{path}, record {i}", item) for i, item in enumerate(items)]
-    for origin, record in records:
-        if not isinstance(record, dict):
-            raise DataError(f"{origin}: expected a JSON object")
-    return records
 
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from polyclip.index.errors import IndexStoreError
+from polyclip.records import read_json_records
 
 PATH_KEYS = ("path", "image", "file", "filename")
 CAPTION_KEYS = ("caption", "text")
@@ -34,22 +35,8 @@ def read_captions(file: str | Path) -> dict[str, Annotation]:
     if suffix in (".csv", ".tsv"):
         with open(file, newline="", encoding="utf-8") as handle:
             records = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-    elif suffix == ".jsonl":
-        records = []
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise IndexStoreError(f"{file}:{number}: not valid JSON ({error})") from None
-    elif suffix == ".json":
-        try:
-            records = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise IndexStoreError(f"{file}: not valid JSON ({error})") from None
-        if not isinstance(records, list):
-            raise IndexStoreError(f"{file}: expected a JSON list of records")
+    elif suffix in (".jsonl", ".json"):
+        records = [record for _, record in read_json_records(file, IndexStoreError)]
     else:
         raise IndexStoreError(
             f"{file}: captions must be .csv, .tsv, .json or .jsonl, not {suffix or 'no suffix'}"

@@ -23,7 +23,6 @@ batches on every rank). A run gives up only after ``max_bad_in_a_row`` unreadabl
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 
 from polyclip.images import ImageDecodeError, is_image_file, load_image
+from polyclip.records import read_json_records
 from polyclip.train.config import DataConfig, TrainConfigError
 
 _IMAGE_KEYS = ("image", "filename", "filepath", "path", "image_path", "file")
@@ -110,7 +110,7 @@ def read_records(config: DataConfig) -> list[PairRecord]:
     elif kind == "parquet":
         rows = _read_parquet(path)
     elif kind in ("jsonl", "json"):
-        rows = _read_json(path)
+        rows = read_json_records(path, DataError)
     else:
         raise DataError(f"format {kind!r} is streamed from shards, not read as records")
     records = _rows_to_records(rows, config, base, str(path))
@@ -140,30 +140,6 @@ def _read_parquet(path: Path) -> list[tuple[str, dict]]:
     except Exception as error:  # pyarrow raises its own ArrowInvalid / OSError types
         raise DataError(f"cannot read Parquet {path}: {error}") from error
     return [(f"{path}, row {n}", row) for n, row in enumerate(table.to_pylist())]
-
-
-def _read_json(path: Path) -> list[tuple[str, dict]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"cannot read {path}: {error}") from error
-    if path.suffix.lower() == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((f"{path}, line {number}", json.loads(line)))
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}, line {number}: not valid JSON ({error.msg})") from error
-        return rows
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from error
-    items = data.get("images") if isinstance(data, dict) else data
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a list of records or {{'images': [...]}} (a dataset_*.json file)")
-    return [(f"{path}, record {n}", item) for n, item in enumerate(items)]
 
 
 def _pick(row: dict, wanted: str | None, candidates: tuple[str, ...], where: str, role: str) -> str:

@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from polyclip.images import is_image_file
+from polyclip.records import read_json_records
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".gif", ".flv"}
@@ -53,18 +53,8 @@ def list_videos(directory: str | Path) -> list[Path]:
     return videos
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise VideoDataError(f"{path}, line {number}: not JSON ({error.msg})") from error
-        if not isinstance(record, dict):
-            raise VideoDataError(f"{path}, line {number}: expected a JSON object")
-        records.append((number, record))
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    records = read_json_records(path, VideoDataError)
     if not records:
         raise VideoDataError(f"{path} holds no records")
     return records
@@ -77,10 +67,10 @@ def _read_lines(path: Path) -> list[str]:
     return lines
 
 
-def _text_field(path: Path, number: int, record: dict, key: str) -> str:
+def _text_field(origin: str, record: dict, key: str) -> str:
     value = record.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise VideoDataError(f"{path}, line {number}: needs a non-empty string {key!r}")
+        raise VideoDataError(f"{origin}: needs a non-empty string {key!r}")
     return value
 
 
@@ -97,7 +87,7 @@ def read_queries(path: str | Path) -> Queries:
     if path.suffix.lower() != ".jsonl":
         return Queries(texts=_read_lines(path), videos=None)
     records = _read_jsonl(path)
-    texts = [_text_field(path, n, r, "text") for n, r in records]
+    texts = [_text_field(origin, r, "text") for origin, r in records]
     with_video = [r for _, r in records if "video" in r]
     if with_video and len(with_video) != len(records):
         raise VideoDataError(f"{path}: either every query names its 'video' or none does")
@@ -120,7 +110,7 @@ def read_questions(path: str | Path) -> Questions:
     if path.suffix.lower() != ".jsonl":
         return Questions(questions=_read_lines(path), videos=None, options=None, answers=None)
     records = _read_jsonl(path)
-    questions = [_text_field(path, n, r, "question") for n, r in records]
+    questions = [_text_field(origin, r, "question") for origin, r in records]
 
     def column(key: str) -> list | None:
         present = [key in r for _, r in records]
