@@ -385,6 +385,7 @@ def test_concurrent_requests_are_batched_and_adds_do_not_disturb_searches(tmp_pa
         image_batches,
     )  # shared forward passes
     assert 'polyclip_encoder_batch_size_count{input="text"}' in metrics
+    assert service.metrics.search_batch_size.count() < 32 + 8 + 16  # shared index scans
     with Index(folder) as index:
         for text, response in zip(checks, checked):
             expected = index.search(tiny_encoder.encode_texts([text]), k=5)[0]
@@ -393,3 +394,34 @@ def test_concurrent_requests_are_batched_and_adds_do_not_disturb_searches(tmp_pa
             np.testing.assert_allclose(
                 [hit["score"] for hit in got], [hit.score for hit in expected], atol=1e-4
             )
+
+
+def test_batched_searches_answer_each_query_as_alone_and_a_bad_filter_fails_alone(index_dir, tiny_encoder):
+    """Concurrent queries of different k, spaces and filters share index searches by group; each gets
+    what a search of its own gives, and one request's bad filter is that request's 422 only."""
+    app = create_app(index_dir[0], ServeConfig(max_batch=32, max_wait_ms=100), encoder=tiny_encoder)
+    bodies = [{"text": f"query {i}", "k": 3 + i % 3} for i in range(12)]
+    bodies += [{"text": f"captioned {i}", "k": 4, "space": "caption"} for i in range(4)]
+    bodies += [{"text": f"filtered {i}", "k": 5, "filter": {"split": "train"}} for i in range(4)]
+    bad = {"text": "bad filter", "k": 5, "filter": {"path_prefix": ""}}
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            responses = await asyncio.gather(*(http.post("/search", json=body) for body in [*bodies, bad]))
+        await app.state.service.close()
+        return responses
+
+    *responses, refused = asyncio.run(run())
+    assert_error(refused, 422)
+    assert "path_prefix" in refused.json()["error"]
+    service = app.state.service
+    assert service.metrics.search_batch_size.count() < len(bodies)  # searches were shared
+    with Index(index_dir[0]) as index:
+        for body, response in zip(bodies, responses):
+            assert response.status_code == 200, response.text
+            query = tiny_encoder.encode_texts([body["text"]])
+            expected = index.search(query, body["k"], body.get("filter"), body.get("space", "image"))[0]
+            got = response.json()["results"]
+            assert [hit["id"] for hit in got] == [hit.id for hit in expected]
+            np.testing.assert_allclose([h["score"] for h in got], [h.score for h in expected], atol=1e-4)

@@ -9,8 +9,11 @@ Routes:
   GET  /images/{id}      JPEG thumbnail of an indexed item (looked up by id: never a path from the request)
   GET  /health, /metrics liveness and Prometheus metrics
 
-Text and image queries go through dynamic batchers (`batching`); the encoder runs in one worker
-thread, FAISS searches and image decoding in the thread pool.
+Text and image queries go through dynamic batchers (`batching`) to the encoder, which runs in one
+worker thread; image decoding runs in the thread pool. The encoded queries of /search are batched once
+more for the index, in a thread of their own: one FAISS call scans the vectors once for a whole batch
+of queries (an exact search's cost is that scan), and the next encoder batch runs meanwhile.
+``max_batch=1`` turns batching off: every query is encoded alone and searched on its own in the pool.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
+import json
 import logging
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -36,7 +41,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polyclip.images import ImageDecodeError, load_image
-from polyclip.index import Encoder, Index, IndexStoreError, QueryEmbeddings
+from polyclip.index import Encoder, Index, IndexStoreError, QueryEmbeddings, SearchHit
+from polyclip.index import vectors as vector_ops
 from polyclip.serve.batching import DynamicBatcher
 from polyclip.serve.config import ServeConfig
 from polyclip.serve.inputs import (
@@ -65,6 +71,18 @@ MAX_PROMPTS = 1024  # labels x templates encoded for one classifier
 CLASS_CACHE_SIZE = 64
 
 
+@dataclass(frozen=True, eq=False)
+class _IndexQuery:
+    vector: np.ndarray  # (E,)
+    k: int
+    filter: dict | None
+    space: str
+
+    def group(self) -> tuple:
+        """Queries of one group are answered by one index search."""
+        return self.space, self.k, json.dumps(self.filter, sort_keys=True)
+
+
 class SearchService:
     """Everything the routes share: the index, the encoder, the batchers, caches and metrics."""
 
@@ -89,6 +107,18 @@ class SearchService:
             config.max_wait_ms,
             on_batch=lambda n: self.metrics.batch_size.observe(n, input="image"),
         )
+        # FAISS scans a flat index query by query below this many queries; from 8 queries one matrix
+        # product is faster (3.7 vs 8.3 ms a query for 8 queries over 100k vectors on 2 cores)
+        faiss = vector_ops.faiss_module()
+        faiss.cvar.distance_compute_blas_threshold = min(faiss.cvar.distance_compute_blas_threshold, 8)
+        self.search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyclip-search")
+        self.search_batcher = DynamicBatcher(
+            self._search_batch,
+            self.search_executor,
+            config.max_batch,
+            config.max_wait_ms,
+            on_batch=lambda n: self.metrics.search_batch_size.observe(n),
+        )
         model = encoder.model
         self.logit_scale = float(
             model.logit_scale.detach().float().clamp(max=model.config.logit_scale_max).exp()
@@ -104,9 +134,10 @@ class SearchService:
         return {(("space", space),): float(self.index.vector_count(space)) for space in self.index.spaces}
 
     async def close(self) -> None:
-        await self.text_batcher.stop()
-        await self.image_batcher.stop()
+        for batcher in (self.text_batcher, self.image_batcher, self.search_batcher):
+            await batcher.stop()
         self.executor.shutdown(wait=True)
+        self.search_executor.shutdown(wait=True)
 
     # -- encoding
     async def text_vectors(self, texts: list[str]) -> np.ndarray:
@@ -118,6 +149,33 @@ class SearchService:
 
     def queries(self, vectors: np.ndarray) -> QueryEmbeddings:
         return QueryEmbeddings(np.atleast_2d(vectors).astype(np.float32), self.encoder.fingerprint)
+
+    async def search(self, vector: np.ndarray, k: int, filter: dict | None, space: str) -> list[SearchHit]:
+        """The top ``k`` items for one encoded query, searched together with concurrent queries."""
+        if self.config.max_batch == 1:
+            return (await run_in_threadpool(self.index.search, self.queries(vector), k, filter, space))[0]
+        result = (await self.search_batcher.submit([_IndexQuery(vector, k, filter, space)]))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _search_batch(self, queries: list[_IndexQuery]) -> list[list[SearchHit] | Exception]:
+        """One index search per group of equal (space, k, filter); a group's error (a bad filter) is
+        returned to that group's callers alone, not to the rest of the batch."""
+        groups: dict[tuple, list[int]] = {}
+        for position, query in enumerate(queries):
+            groups.setdefault(query.group(), []).append(position)
+        results: list = [None] * len(queries)
+        for positions in groups.values():
+            first = queries[positions[0]]
+            vectors = np.stack([queries[position].vector for position in positions])  # (Q, E)
+            try:
+                found = self.index.search(self.queries(vectors), first.k, first.filter, first.space)
+            except IndexStoreError as error:
+                found = [error] * len(positions)
+            for position, hits in zip(positions, found):
+                results[position] = hits
+        return results
 
     async def class_weights(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> np.ndarray:
         """(C, E) zero-shot classifier: per label, the renormalised mean of its prompt embeddings."""
@@ -330,7 +388,7 @@ def create_app(
             k = parse_k(form_field(form, "k"), config)
             filter, space = parse_filter(form_field(form, "filter")), parse_space(form_field(form, "space"))
             vector, kind = await service.image_vector(data), "image"
-        hits = (await run_in_threadpool(index.search, service.queries(vector), k, filter, space))[0]
+        hits = await service.search(vector, k, filter, space)
         return {
             "results": [hit.to_dict() for hit in hits],
             "query": kind,

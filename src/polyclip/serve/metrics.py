@@ -107,10 +107,13 @@ class ServiceMetrics:
         self.batch_size = Histogram(
             "polyclip_encoder_batch_size", "Items per encoder forward pass by input kind.", BATCH_BUCKETS
         )
+        self.search_batch_size = Histogram(
+            "polyclip_search_batch_size", "Queries per batched index search.", BATCH_BUCKETS
+        )
         self.items = Gauge("polyclip_index_vectors", "Vectors in the index by space.", index_sizes)
 
     def render(self) -> str:
         lines = []
-        for metric in (self.requests, self.latency, self.batch_size, self.items):
+        for metric in (self.requests, self.latency, self.batch_size, self.search_batch_size, self.items):
             lines += metric.render()
         return "\n".join(lines) + "\n"
