@@ -89,6 +89,19 @@ def test_text_search_contract(client, tiny_encoder):
     assert captions["results"][0]["caption"] == "picture number 4"
 
 
+def test_unbatched_service_answers_the_same(index_dir, tiny_encoder):
+    """max_batch=1: every query encoded and searched on its own, with the same answers."""
+    app = create_app(index_dir[0], ServeConfig(max_batch=1), encoder=tiny_encoder)
+    with TestClient(app) as one_at_a_time:
+        got = one_at_a_time.post("/search", json={"text": "a noisy picture", "k": 5}).json()["results"]
+        refused = one_at_a_time.post("/search", json={"text": "x", "filter": {"path_prefix": ""}})
+    with Index(index_dir[0]) as index:
+        expected = index.search(tiny_encoder.encode_texts(["a noisy picture"]), k=5)[0]
+    assert [hit["id"] for hit in got] == [hit.id for hit in expected]
+    assert_error(refused, 422)
+    assert app.state.service.metrics.search_batch_size.count() == 0
+
+
 def test_image_search_finds_the_same_image(client, index_dir):
     _, paths = index_dir
     data = paths[5].read_bytes()
