@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from polyclip.serve.app import SearchService, create_app
+from polyclip.serve.app import create_app
 from polyclip.serve.batching import DynamicBatcher
 from polyclip.serve.config import ServeConfig
+from polyclip.serve.service import SearchService
 
 
 def run(index_dir: str | Path, config: ServeConfig | None = None, log_level: str = "info") -> None:
