@@ -49,6 +49,7 @@ def test_decoding_threads_give_the_same_features(tmp_path):
 def test_preprocessing_of_mixed_shapes_is_a_clear_error(tmp_path):
     data = read_image_folder(colour_folder(tmp_path, ["red", "green"], per_class=2))
     model, preprocess, _ = fake_triple()
+
     def mixed(image):  # green images come out 2 x 2, red ones 4 x 4
         pixels = preprocess(image)
         return pixels[:, :2, :2] if pixels[1].mean() > pixels[0].mean() else pixels
