@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +46,7 @@ def list_images(sources: Iterable[str | os.PathLike]) -> list[str]:
     return paths
 
 
-def _decode(preprocess: Callable, item: Hashable) -> torch.Tensor | str:
+def _decode(preprocess: Callable, item: Any) -> torch.Tensor | str:
     try:
         return preprocess(item)
     except ImageDecodeError as error:
