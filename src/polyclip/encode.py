@@ -104,11 +104,36 @@ def embed_images(
     batch_size: int = 32,
     normalize: bool = True,
     workers: int | None = None,
+    overlap: bool | None = None,
 ) -> Iterator[tuple[list[Any], torch.Tensor, list[tuple[Any, str]]]]:
-    """Yields (items that decoded, embeddings (B, E) float32 on CPU, failures) per batch."""
+    """Yields (items that decoded, embeddings (B, E) float32 on CPU, failures) per batch.
+
+    ``overlap`` (default: on for a model on a GPU) keeps one batch in flight: batch k+1 is copied
+    (from pinned memory, without blocking) and queued before batch k's embeddings are read back, so
+    the copies, the decoding threads and the GPU overlap instead of taking turns.
+    """
+    device = _model_device(model)
+    on_gpu = device is not None and device.type == "cuda"
+    overlap = on_gpu if overlap is None else overlap
+    in_flight = None  # (items, embeddings on the device, failures)
     for batch in iter_image_batches(items, preprocess, batch_size, workers):
         if batch.items:
-            embeddings = model.encode_image(batch.pixels, normalize=normalize).float().cpu()
+            pixels = batch.pixels
+            if on_gpu:
+                pixels = pixels.pin_memory().to(device, non_blocking=True)
+            embeddings = model.encode_image(pixels, normalize=normalize)
         else:
             embeddings = torch.zeros(0, model.config.embed_dim)
-        yield batch.items, embeddings, batch.failures
+        if not overlap:
+            yield batch.items, embeddings.float().cpu(), batch.failures
+            continue
+        if in_flight is not None:
+            yield in_flight[0], in_flight[1].float().cpu(), in_flight[2]
+        in_flight = (batch.items, embeddings, batch.failures)
+    if in_flight is not None:
+        yield in_flight[0], in_flight[1].float().cpu(), in_flight[2]
+
+
+def _model_device(model) -> torch.device | None:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from polyclip.checkpoints import CheckpointError, build_model, read_checkpoint
 from polyclip.checkpoints.native import write_native
 from polyclip.hub import RegistryEntry, resolve
 from polyclip.models import DualEncoder, DualEncoderConfig, create_model, get_architecture
+from polyclip.quantization import quantize_model
 from polyclip.tokenizers import MissingTokenizerError, build_tokenizer, tokenizer_from_hf_folder
 from polyclip.transforms import PRESETS, ImageTransform, PreprocessConfig, build_preprocess
 
@@ -30,7 +30,7 @@ def load(
     name_or_path: str | os.PathLike,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     quantize: str | None = None,
     format: str | None = None,
 ) -> tuple[DualEncoder, ImageTransform, Any]:
@@ -38,8 +38,11 @@ def load(
 
     Returns ``(model, preprocess, tokenizer)``: the model in eval mode on ``device`` in ``dtype``
     (default fp32, whatever the file stores), the image preprocessing of the checkpoint's reference
-    implementation, and its tokenizer. ``compile=True`` compiles both towers with torch.compile;
-    ``quantize="int8"`` applies dynamic int8 quantisation to the linear layers (CPU inference).
+    implementation, and its tokenizer. ``compile=True`` compiles both towers with torch.compile
+    (``compile="max-autotune"`` also tunes the GEMM kernels and, on a GPU, replays CUDA graphs);
+    ``quantize="int8"`` applies dynamic int8 quantisation to the linear layers (CPU inference);
+    ``quantize="fp8"`` runs the transformer blocks' linear layers as FP8 products (GPUs with FP8 tensor
+    cores, ``dtype="bf16"``): see :mod:`polyclip.quantization`.
     """
     path, entry, entry_format = resolve(name_or_path)
     checkpoint = read_checkpoint(path, format or entry_format)
@@ -56,7 +59,7 @@ def finalize(
     model: DualEncoder,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     quantize: str | None = None,
 ) -> DualEncoder:
     """Move, cast, quantise and compile a model for inference."""
@@ -65,42 +68,32 @@ def finalize(
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
     model = model.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
     if quantize is not None:
-        if quantize != "int8":
-            raise ValueError(f"quantize={quantize!r} is not supported; the supported mode is 'int8'")
-        if model.device.type != "cpu" or model.dtype != torch.float32:
-            raise ValueError(
-                "int8 dynamic quantisation runs on CPU from fp32 weights (device='cpu', dtype=None)"
-            )
-        quantize_int8(model)
+        quantize_model(model, quantize)
     if compile:
-        # freezing: weights become constants that inductor can prepack for its GEMMs (inference only;
-        # compile a training model yourself)
-        model.visual.compile(dynamic=False, options={"freezing": True})
-        model.text.compile(dynamic=True, options={"freezing": True})  # prompt lengths vary after trimming
+        options = compile_options(compile, model.device)
+        model.visual.compile(dynamic=False, options=options)
+        model.text.compile(dynamic=True, options=options)  # prompt lengths vary after trimming
     return model
 
 
-def int8_layers(model: DualEncoder) -> list[str]:
-    """The linear layers int8 mode quantises: every one of the image tower, and the text tower's MLPs.
+COMPILE_MODES = ("default", "max-autotune")
 
-    The text tower's attention projections stay fp32: its single pooled end-token state is sensitive to
-    their rounding (cosine to fp32 drops below 0.999 with them), and MLPs hold two thirds of its FLOPs.
+
+def compile_options(mode: bool | str, device: torch.device) -> dict[str, Any]:
+    """inductor options for ``compile=True`` / ``"default"`` / ``"max-autotune"`` (inference only).
+
+    Freezing always: the weights become constants that inductor can prepack for its GEMMs, so a
+    compiled model is for inference (compile a training model yourself). max-autotune benchmarks
+    GEMM and convolution kernels at compile time, and on CUDA replays the tower as a CUDA graph
+    (one launch per call instead of one per kernel: what small batches are bound by).
     """
-    names = []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and (name.startswith("visual.") or ".mlp." in name):
-            names.append(name)
-    return names
-
-
-def quantize_int8(model: DualEncoder) -> DualEncoder:
-    """Dynamic int8 quantisation (per-channel weights, activations quantised per batch), in place."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch marks the eager quantisation API deprecated
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        spec = {name: per_channel_dynamic_qconfig for name in int8_layers(model)}
-        return quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
+    mode = "default" if mode is True else mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile={mode!r}: use True, False or one of {', '.join(COMPILE_MODES)}")
+    options: dict[str, Any] = {"freezing": True}
+    if mode == "max-autotune":
+        options |= {"max_autotune": True, "triton.cudagraphs": torch.device(device).type == "cuda"}
+    return options
 
 
 def save(
