@@ -91,11 +91,16 @@ def rename_keys(
 
 
 def fuse_qkv(state_dict: dict[str, torch.Tensor], q: str, k: str, v: str, fused: str) -> None:
-    """Concatenate separate q/k/v projections (weight and bias) into one fused projection, in place."""
+    """Concatenate separate q/k/v projections (weight and bias) into one fused projection, in place.
+
+    Parts whose shapes cannot be stacked (a corrupt or mismatched checkpoint) stay unfused, so that
+    `load_strict` reports each of them with its shape and the shape the model expects.
+    """
     for kind in ("weight", "bias"):
         names = [f"{q}.{kind}", f"{k}.{kind}", f"{v}.{kind}"]
-        if all(n in state_dict for n in names):
-            state_dict[f"{fused}.{kind}"] = torch.cat([state_dict.pop(n) for n in names], dim=0)
+        if all(n in state_dict for n in names) and len({tuple(state_dict[n].shape) for n in names}) == 1:
+            if state_dict[names[0]].ndim >= 1:
+                state_dict[f"{fused}.{kind}"] = torch.cat([state_dict.pop(n) for n in names], dim=0)
 
 
 def fuse_all_qkv(state_dict: dict[str, torch.Tensor], prefix_pattern: str) -> None:
@@ -113,24 +118,130 @@ def split_rows(tensor: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.split(tensor, sizes, dim=0))
 
 
+# q/k/v parts that `fuse_qkv` left unfused: "<prefix>.q_proj.weight" is a third of "<prefix>.qkv.weight"
+_UNFUSED_PART = re.compile(r"(?P<prefix>.+)\.[qkv]_proj\.(?P<kind>weight|bias)")
+
+
+def _unfused_parts(
+    state_dict: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    missing: list[str],
+    unexpected: list[str],
+) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """(part key, checkpoint shape, shape the model expects of it) for q/k/v parts that `fuse_qkv` left
+    unfused. Where all three parts are present they are taken out of ``unexpected`` and their fused key
+    out of ``missing``: the report then names the part whose shape is wrong."""
+    groups: dict[str, list[str]] = {}
+    for key in unexpected:
+        match = _UNFUSED_PART.fullmatch(key)
+        if match:
+            groups.setdefault(f"{match['prefix']}.qkv.{match['kind']}", []).append(key)
+    report = []
+    for fused, keys in groups.items():
+        if fused not in expected or fused not in missing or len(keys) != 3:
+            continue
+        whole = tuple(expected[fused].shape)
+        third = (whole[0] // 3, *whole[1:]) if whole else whole
+        wrong = [
+            (key, tuple(state_dict[key].shape), third)
+            for key in keys
+            if tuple(state_dict[key].shape) != third
+        ]
+        if wrong:
+            missing.remove(fused)
+            for key in keys:
+                unexpected.remove(key)
+            report += wrong
+    return sorted(report)
+
+
 def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights, refusing missing or unexpected keys and shape mismatches, all listed at once."""
+    """Load weights, refusing missing or unexpected keys, shape and dtype mismatches, all listed at once."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = [
+        f"{key}: checkpoint {got} vs model {want}"
+        for key, got, want in _unfused_parts(state_dict, expected, missing, unexpected)
+    ]
+    mismatched += [
         f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
         for key in sorted(set(expected) & set(state_dict))
         if tuple(state_dict[key].shape) != tuple(expected[key].shape)
     ]
-    if missing or unexpected or mismatched:
+    # a float weight cannot be filled from integers or booleans (assign=True would keep their dtype)
+    wrong_dtype = [
+        f"{key}: checkpoint {str(state_dict[key].dtype).replace('torch.', '')} vs model "
+        f"{str(expected[key].dtype).replace('torch.', '')}"
+        for key in sorted(set(expected) & set(state_dict))
+        if expected[key].is_floating_point() != state_dict[key].is_floating_point()
+    ]
+    if missing or unexpected or mismatched or wrong_dtype:
         lines = [f"checkpoint {source} does not match its architecture:"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+            ("dtype mismatches", wrong_dtype),
+        ):
             if items:
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
                 lines.append(f"  {title} ({len(items)}): " + ", ".join(shown))
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state_dict, strict=True, assign=True)
+
+
+# An index of shards is a small JSON file; anything far larger is not one.
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+def file_inside(folder: Path, name: Any, what: str) -> Path:
+    """``folder / name`` for a file name read from a checkpoint's own files, refused where it leaves the folder.
+
+    The name must be relative with no ``..`` part, and the file it resolves to (symlinks followed) must lie
+    in the folder, or, for a huggingface_hub snapshot (``<repo>/snapshots/<revision>/``, whose files are
+    symlinks into ``<repo>/blobs/``), in that repository's blobs.
+    """
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        raise CheckpointError(f"{what} names {name!r}, which is not a file name inside {folder}")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or Path(name).drive or ".." in parts:
+        raise CheckpointError(f"{what} names {name!r}, outside the checkpoint folder {folder}; refused")
+    path = folder / name
+    target, root = path.resolve(), folder.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(target.is_relative_to(place) for place in allowed):
+        raise CheckpointError(
+            f"{what} names {name!r}, which resolves to {target}, outside the checkpoint folder {folder}; refused"
+        )
+    return path
+
+
+def read_shard_index(folder: Path, index: Path) -> list[Path]:
+    """The weight files a sharded checkpoint's ``*.index.json`` names (each once), all inside ``folder``."""
+    import json
+
+    if index.stat().st_size > MAX_INDEX_BYTES:
+        raise CheckpointError(f"{index} is {index.stat().st_size:,} bytes, too large for a shard index")
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read the shard index {index}: {error}") from error
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map object naming the shards")
+    names = set()
+    for name in weight_map.values():
+        if not isinstance(name, str):
+            raise CheckpointError(f"{index}: the weight_map names a shard {name!r}, not a file name")
+        names.add(name)
+    files = [file_inside(folder, name, str(index)) for name in sorted(names)]
+    for path in files:
+        if not path.is_file():
+            raise CheckpointError(f"{index} names the shard {path.name}, which is not in {folder}")
+    return files
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

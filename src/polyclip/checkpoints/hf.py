@@ -20,6 +20,7 @@ from polyclip.checkpoints.common import (
     CheckpointError,
     TemplatePairs,
     fuse_all_qkv,
+    read_shard_index,
     read_weights,
     rename_keys,
     split_rows,
@@ -257,8 +258,7 @@ def find_weight_files(folder: Path) -> list[Path]:
         if (folder / single).is_file():
             return [folder / single]
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-            return [folder / name for name in sorted(set(weight_map.values()))]
+            return read_shard_index(folder, folder / index)
     raise CheckpointError(
         f"{folder} has a config.json but no model.safetensors, pytorch_model.bin or sharded index"
     )

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from polyclip.checkpoints.common import Checkpoint, CheckpointError, load_strict
-from polyclip.models import DualEncoder, DualEncoderConfig
+from polyclip.models import ConfigError, DualEncoder, DualEncoderConfig
 
 FORMATS = ("native", "hf", "open_clip", "openai", "flax")
 
@@ -52,9 +52,31 @@ def detect_format(path: Path) -> str:
     raise CheckpointError(f"{path}: unknown checkpoint file type {path.suffix!r}")
 
 
+# What a reader raises when a file's content is not what its format promises (a string where a width
+# belongs, a tensor of the wrong rank, a missing entry): the file is at fault, so the user is told which
+# file and why, in one line, instead of a traceback.
+_MALFORMED = (
+    ValueError, TypeError, AttributeError, KeyError, IndexError, ZeroDivisionError, OverflowError,
+    RecursionError, RuntimeError,
+)  # fmt: skip
+
+
 def read_checkpoint(path: str | Path, format: str | None = None) -> Checkpoint:
     path = Path(path).expanduser()
     format = format or detect_format(path)
+    try:
+        return _read(path, format)
+    except CheckpointError:
+        raise
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: the checkpoint's config describes no valid model: {error}") from error
+    except _MALFORMED as error:
+        raise CheckpointError(
+            f"{path}: malformed {format} checkpoint ({type(error).__name__}: {error})"
+        ) from error
+
+
+def _read(path: Path, format: str) -> Checkpoint:
     if format == "native":
         from polyclip.checkpoints.native import read_native
 
@@ -112,12 +134,16 @@ def is_torchscript_archive(path: Path) -> bool:
 def describe(path: str | Path, format: str | None = None) -> dict:
     """What ``polyclip info`` prints: format, architecture, parameter count, preprocessing."""
     checkpoint = read_checkpoint(path, format)
+    if not checkpoint.state_dict:
+        raise CheckpointError(f"{path} holds no weights")
     params = sum(t.numel() for t in checkpoint.state_dict.values() if t.is_floating_point())
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in checkpoint.state_dict.values()})
     return {
         "path": str(path),
         "format": checkpoint.format,
         "parameters": params,
-        "dtype": str(next(iter(checkpoint.state_dict.values())).dtype).replace("torch.", ""),
+        "config_parameters": checkpoint.config.parameter_count(),
+        "dtype": ", ".join(dtypes),
         "model": checkpoint.config.to_dict(),
         "preprocess": checkpoint.preprocess,
         "tokenizer": checkpoint.tokenizer,

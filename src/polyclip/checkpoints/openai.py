@@ -67,22 +67,93 @@ class _StorageType:
         self.dtype = dtype
 
 
+# torch writes its archives uncompressed; an entry someone re-packed with deflate may shrink, but one
+# that inflates more than this is refused before it is read: a few MB must not become GBs in memory.
+MAX_COMPRESSION_RATIO = 32
+_READ_CHUNK = 1 << 20
+
+
+def _entry(archive: zipfile.ZipFile, name: str, archive_size: int) -> zipfile.ZipInfo:
+    """The archive member ``name``, refused where its declared sizes cannot be honest or would inflate."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise pickle.UnpicklingError(f"the archive has no entry {name}") from None
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        # bzip2 and lzma members decompress without an output bound in zipfile
+        raise pickle.UnpicklingError(f"entry {name} uses compression method {info.compress_type}")
+    if info.compress_size > archive_size:
+        raise pickle.UnpicklingError(
+            f"entry {name} claims {info.compress_size:,} stored bytes in an archive of {archive_size:,}"
+        )
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise pickle.UnpicklingError(f"stored entry {name} declares two different sizes")
+    if info.file_size > MAX_COMPRESSION_RATIO * max(info.compress_size, _READ_CHUNK):
+        raise pickle.UnpicklingError(
+            f"entry {name} inflates {info.compress_size:,} bytes to {info.file_size:,}: refused as a "
+            f"decompression bomb (limit {MAX_COMPRESSION_RATIO}:1)"
+        )
+    return info
+
+
+class _Storage:
+    """A storage record of the archive, read only once every tensor on it has been checked."""
+
+    def __init__(self, key: str, dtype: torch.dtype, numel: int):
+        self.key, self.dtype, self.numel = key, dtype, numel
+        self.used = 0  # elements its tensors reach, the largest extent of any view
+        self.data: torch.Tensor | None = None
+
+
+class _PendingTensor:
+    """(storage, element offset, shape, strides) of a tensor whose bytes are not read yet."""
+
+    def __init__(self, storage: _Storage, offset: int, size: tuple[int, ...], stride: tuple[int, ...]):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def materialize(self) -> torch.Tensor:
+        return self.storage.data.as_strided(self.size, self.stride, self.offset)
+
+
+def _ints(values, what: str) -> tuple[int, ...]:
+    if not isinstance(values, tuple | list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values
+    ):
+        raise pickle.UnpicklingError(f"a tensor record has an invalid {what} {values!r}")
+    return tuple(values)
+
+
 def _rebuild_tensor(
-    storage: torch.Tensor, offset: int, size, stride, requires_grad=False, hooks=None, metadata=None
+    storage: _Storage, offset: int, size, stride, requires_grad=False, hooks=None, metadata=None
 ):
-    # (flat storage, element offset, shape, strides) -> a view; the saved requires_grad flag is irrelevant here
-    return storage.as_strided(tuple(size), tuple(stride), offset)
+    # (flat storage, element offset, shape, strides) -> a view; the saved requires_grad flag is irrelevant.
+    # The view must fit its storage; that is known from the record alone, before any byte is read.
+    if not isinstance(storage, _Storage):
+        raise pickle.UnpicklingError("a tensor record does not name a storage")
+    size, stride = _ints(size, "shape"), _ints(stride, "stride")
+    (offset,) = _ints((offset,), "offset")
+    if len(size) != len(stride):
+        raise pickle.UnpicklingError(f"a tensor record has shape {size} but strides {stride}")
+    extent = 0 if 0 in size else offset + sum((n - 1) * step for n, step in zip(size, stride)) + 1
+    if extent > storage.numel:
+        raise pickle.UnpicklingError(
+            f"a tensor of shape {size} needs {extent:,} elements of storage {storage.key}, which holds {storage.numel:,}"
+        )
+    storage.used = max(storage.used, extent)
+    return _PendingTensor(storage, offset, size, stride)
 
 
 class _ArchiveUnpickler(pickle.Unpickler):
     """Rebuilds tensors from the archive's storages and scripted objects as attribute records; refuses any
-    other global, so nothing named by the file can run."""
+    other global, so nothing named by the file can run. Storages are only recorded here; `read_storages`
+    reads them once the whole record has been checked."""
 
-    def __init__(self, file, archive: zipfile.ZipFile, root: str):
+    def __init__(self, file, archive: zipfile.ZipFile, root: str, archive_size: int):
         super().__init__(file)
         self.archive = archive
         self.root = root
-        self.storages: dict[str, torch.Tensor] = {}
+        self.archive_size = archive_size
+        self.storages: dict[str, _Storage] = {}
         self.classes: dict[str, type] = {}
 
     def find_class(self, module: str, name: str):
@@ -105,27 +176,49 @@ class _ArchiveUnpickler(pickle.Unpickler):
         _, storage_type, key, _location, numel = record
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unknown storage type {storage_type!r}")
+        if not isinstance(key, str) or not key.isascii() or not key.isalnum():
+            raise pickle.UnpicklingError(f"invalid storage key {key!r}")
+        (numel,) = _ints((numel,), "storage size")
         if key not in self.storages:
-            raw = bytearray(self.archive.read(f"{self.root}/data/{key}"))
-            itemsize = torch.empty(0, dtype=storage_type.dtype).element_size()
-            if len(raw) != numel * itemsize:
+            storage = _Storage(key, storage_type.dtype, numel)
+            info = _entry(self.archive, f"{self.root}/data/{key}", self.archive_size)
+            expected = numel * torch.empty(0, dtype=storage.dtype).element_size()
+            if info.file_size != expected:
                 raise pickle.UnpicklingError(
-                    f"storage {key} holds {len(raw)} bytes, expected {numel * itemsize}"
+                    f"storage {key} declares {info.file_size:,} bytes, its record {numel:,} elements "
+                    f"({expected:,} bytes)"
                 )
-            flat = (
-                torch.frombuffer(raw, dtype=storage_type.dtype)
-                if raw
-                else torch.empty(0, dtype=storage_type.dtype)
-            )
-            self.storages[key] = flat
+            self.storages[key] = storage
         return self.storages[key]
+
+    def read_storages(self, storages: list[_Storage]) -> None:
+        """Read each storage straight into its own tensor, in chunks: memory is the weights' size."""
+        for storage in storages:
+            if storage.data is not None:
+                continue
+            if storage.numel > 2 * storage.used + _READ_CHUNK:
+                raise pickle.UnpicklingError(
+                    f"storage {storage.key} holds {storage.numel:,} elements but its tensors use {storage.used:,}"
+                )
+            flat = torch.empty(storage.numel, dtype=storage.dtype)
+            view = memoryview(flat.view(torch.uint8).numpy() if storage.numel else bytearray()).cast("B")
+            with self.archive.open(f"{self.root}/data/{storage.key}") as entry:
+                filled = 0
+                while filled < len(view):
+                    count = entry.readinto(view[filled : filled + _READ_CHUNK])
+                    if not count:
+                        raise pickle.UnpicklingError(f"storage {storage.key} ends early")
+                    filled += count
+                if entry.read(1):  # also makes zipfile check the entry's CRC
+                    raise pickle.UnpicklingError(f"storage {storage.key} holds more than it declares")
+            storage.data = flat
 
 
 _CLASS_HEADER = re.compile(r"^class (\w+)\((?:\w+\.)*Module\):\n((?:  .*\n)*)", re.MULTILINE)
 _NAME_LIST = re.compile(r'"([^"]+)"')
 
 
-def _declared_state(archive: zipfile.ZipFile, root: str) -> dict[str, set[str]]:
+def _declared_state(archive: zipfile.ZipFile, root: str, archive_size: int) -> dict[str, set[str]]:
     """Parameter and buffer names per scripted class, from ``__parameters__``/``__buffers__`` declarations."""
     declared: dict[str, set[str]] = {}
     prefix = f"{root}/code/"
@@ -133,6 +226,7 @@ def _declared_state(archive: zipfile.ZipFile, root: str) -> dict[str, set[str]]:
         if not (name.startswith(prefix) and name.endswith(".py")):
             continue
         module = name[len(prefix) : -len(".py")].replace("/", ".")  # __torch__/a/b.py -> __torch__.a.b
+        _entry(archive, name, archive_size)
         source = archive.read(name).decode("utf-8")
         for match in _CLASS_HEADER.finditer(source):
             names: set[str] = set()
@@ -145,20 +239,32 @@ def _declared_state(archive: zipfile.ZipFile, root: str) -> dict[str, set[str]]:
 
 
 def _collect(
-    obj: _ScriptObject, prefix: str, declared: dict[str, set[str]], out: dict[str, torch.Tensor]
+    obj: _ScriptObject,
+    prefix: str,
+    declared: dict[str, set[str]],
+    out: dict[str, _PendingTensor],
+    depth: int = 0,
 ) -> None:
+    if depth > 100:
+        raise CheckpointError("the archive's modules are nested more than 100 deep")
     state_names = declared.get(obj.qualified_name)
     for name, value in getattr(obj, "attributes", {}).items():
         if isinstance(value, _ScriptObject):
-            _collect(value, f"{prefix}{name}.", declared, out)
-        elif isinstance(value, torch.Tensor) and value.layout == torch.strided:
+            _collect(value, f"{prefix}{name}.", declared, out, depth + 1)
+        elif isinstance(value, _PendingTensor):
             # a class without declarations (not expected) keeps every tensor attribute
             if state_names is None or name in state_names:
                 out[f"{prefix}{name}"] = value
 
 
 def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The parameters and buffers of a TorchScript archive, read without TorchScript."""
+    """The parameters and buffers of a TorchScript archive, read without TorchScript.
+
+    Every size the archive declares is checked before anything is read or allocated: an entry's
+    compressed and inflated sizes (`_entry`), a storage's size against its record, each tensor's shape
+    and strides against its storage. Only the storages of the parameters and buffers are then read.
+    """
+    archive_size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -166,22 +272,27 @@ def read_torchscript_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if len(roots) != 1:
                 raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(roots)}")
             root = roots.pop()
-            if f"{root}/byteorder" in names and archive.read(f"{root}/byteorder").strip() != b"little":
-                raise CheckpointError(f"{path}: big-endian archives are not supported")
-            declared = _declared_state(archive, root)
+            if f"{root}/byteorder" in names:
+                _entry(archive, f"{root}/byteorder", archive_size)
+                if archive.read(f"{root}/byteorder").strip() != b"little":
+                    raise CheckpointError(f"{path}: big-endian archives are not supported")
+            declared = _declared_state(archive, root, archive_size)
+            _entry(archive, f"{root}/data.pkl", archive_size)
             with archive.open(f"{root}/data.pkl") as file:
-                top = _ArchiveUnpickler(file, archive, root).load()
+                unpickler = _ArchiveUnpickler(file, archive, root, archive_size)
+                top = unpickler.load()
+            if not isinstance(top, _ScriptObject):
+                raise CheckpointError(f"{path}: the archive's data.pkl does not hold a module")
+            pending: dict[str, _PendingTensor] = {}
+            _collect(top, "", declared, pending)
+            unpickler.read_storages([tensor.storage for tensor in pending.values()])
+            return {name: tensor.materialize() for name, tensor in pending.items()}
     except CheckpointError:
         raise
     except Exception as error:  # a malformed archive fails in many ways; none of them runs its code
         raise CheckpointError(
             f"cannot read TorchScript archive {path}: {type(error).__name__}: {error}"
         ) from error
-    if not isinstance(top, _ScriptObject):
-        raise CheckpointError(f"{path}: the archive's data.pkl does not hold a module")
-    out: dict[str, torch.Tensor] = {}
-    _collect(top, "", declared, out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------

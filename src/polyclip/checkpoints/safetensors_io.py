@@ -9,6 +9,7 @@ u64 header length, a JSON header ``{name: {dtype, shape, data_offsets}}``, then 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -28,36 +29,85 @@ _DTYPES = {
 }
 
 
+# Element sizes in bytes, so that a header is checked against the file without allocating anything.
+_ITEMSIZE = {name: torch.empty(0, dtype=dtype).element_size() for name, dtype in _DTYPES.items()}
+
+# A header is a small JSON object (a few hundred bytes per tensor); safetensors itself refuses more than 100 MB.
+MAX_HEADER_BYTES = 100_000_000
+
+
 class SafetensorsError(ValueError):
     pass
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_header(
+    path: Path, file, size: int
+) -> tuple[int, list[tuple[str, torch.dtype, list[int], int, int]]]:
+    """(offset of the data, [(name, dtype, shape, start, end)] sorted by start), every entry checked against
+    the file: known dtype, a shape of non-negative integers, offsets inside the data and not overlapping,
+    and a byte length equal to the shape times the dtype's size. Nothing is allocated from the header's
+    numbers before they pass."""
+    head = file.read(8)
+    if len(head) != 8:
+        raise SafetensorsError(f"{path} is too short to be a safetensors file")
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > min(size - 8, MAX_HEADER_BYTES):
+        raise SafetensorsError(
+            f"{path} is not a safetensors file (header length {header_len:,} bytes, file {size:,} bytes)"
+        )
+    try:
+        header = json.loads(file.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise SafetensorsError(f"{path} has a corrupt safetensors header: {error}") from error
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: the safetensors header is a {type(header).__name__}, not an object")
+    header.pop("__metadata__", None)
+    base = 8 + header_len
+    data_size = size - base
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise SafetensorsError(f"{path}: tensor {name} has no dtype/shape/data_offsets record")
+        dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype_name, str) or dtype_name not in _DTYPES:
+            raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {dtype_name!r}")
+        if not isinstance(shape, list) or len(shape) > 32 or not all(_is_count(dim) for dim in shape):
+            raise SafetensorsError(f"{path}: tensor {name} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise SafetensorsError(f"{path}: tensor {name} has invalid data_offsets {offsets!r}")
+        start, end = offsets
+        if not start <= end <= data_size:
+            raise SafetensorsError(
+                f"{path}: tensor {name} claims bytes {start:,}..{end:,} of a data section of {data_size:,} "
+                "bytes (file truncated or header corrupt)"
+            )
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype_name]
+        if end - start != nbytes:
+            raise SafetensorsError(
+                f"{path}: tensor {name} of shape {shape} and dtype {dtype_name} needs {nbytes:,} bytes, "
+                f"its data_offsets hold {end - start:,}"
+            )
+        entries.append((name, _DTYPES[dtype_name], shape, start, end))
+    entries.sort(key=lambda entry: (entry[3], entry[4]))
+    for previous, entry in zip(entries, entries[1:]):
+        if entry[3] < previous[4]:
+            raise SafetensorsError(f"{path}: tensors {previous[0]} and {entry[0]} overlap in the file")
+    return base, entries
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     size = path.stat().st_size
     with path.open("rb") as file:
-        head = file.read(8)
-        if len(head) != 8:
-            raise SafetensorsError(f"{path} is too short to be a safetensors file")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, 100_000_000):
-            raise SafetensorsError(f"{path} is not a safetensors file (header length {header_len})")
-        try:
-            header = json.loads(file.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise SafetensorsError(f"{path} has a corrupt safetensors header: {error}") from error
-        header.pop("__metadata__", None)
-        base = 8 + header_len
+        base, entries = read_header(path, file, size)
         tensors = {}
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            dtype = _DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise SafetensorsError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
-            start, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            nbytes = tensor.numel() * tensor.element_size()
-            if end - start != nbytes or base + end > size:
-                raise SafetensorsError(f"{path}: tensor {name} has inconsistent offsets (file truncated?)")
+        for name, dtype, shape, start, end in entries:
+            tensor = torch.empty(shape, dtype=dtype)
+            nbytes = end - start
             file.seek(base + start)
             if nbytes:
                 view = (
