@@ -13,16 +13,17 @@ Conventions follow the references that the released checkpoints were trained and
   clipped: Pillow's own ``convert("RGB")`` clips every value above 255, which turns most 16-bit images
   white.
 - Decompression bombs are refused before any pixel is decoded: the header's width x height is compared
-  with ``max_pixels`` (default: Pillow's 89,478,485). Pillow's module-wide ``MAX_IMAGE_PIXELS`` is
-  switched off only while this module decodes and is restored as soon as the last decode in flight ends.
+  with ``max_pixels`` (default: Pillow's 89,478,485), per call. Pillow's process-wide
+  ``Image.MAX_IMAGE_PIXELS`` is never modified (another thread relies on it while this one decodes): the
+  header is opened through Pillow's own plugin registry without ``Image.open``'s global check, and the
+  call's own limit is applied instead. Plugins that check sizes again while decoding (GIF frames, ICO and
+  ICNS sub-images) still apply Pillow's global; such a refusal is reported as "too large" too.
 """
 
 from __future__ import annotations
 
 import io
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+import struct
 from pathlib import Path
 from typing import BinaryIO
 
@@ -107,30 +108,34 @@ def load_image(
 
     name, stream = _open_source(source)
     try:
-        with _pillow_limit_disabled():
+        try:
+            image = _open_header(stream, name)
+        except Image.UnidentifiedImageError as error:
+            raise ImageDecodeError(
+                f"cannot decode {name}: not an image in a format Pillow can read ({error})"
+            ) from error
+        with image:
+            _check_pixel_count(image, name, max_pixels)
             try:
-                image = Image.open(stream)
-            except Image.UnidentifiedImageError as error:
+                image.load()
+            except MemoryError:
+                raise
+            except Image.DecompressionBombError as error:
                 raise ImageDecodeError(
-                    f"cannot decode {name}: not an image in a format Pillow can read ({error})"
+                    f"cannot decode {name}: the image is too large for Pillow's process-wide limit "
+                    f"(Image.MAX_IMAGE_PIXELS): {error}"
                 ) from error
-            with image:
-                _check_pixel_count(image, name, max_pixels)
-                try:
-                    image.load()
-                except MemoryError:
-                    raise
-                except Exception as error:  # decoders raise OSError, SyntaxError, EOFError, zlib errors...
-                    raise ImageDecodeError(
-                        f"cannot decode {name}: the file is corrupt or truncated ({type(error).__name__}: {error})"
-                    ) from error
-                return to_rgb(
-                    image,
-                    background=background,
-                    bit_depth_scaling=bit_depth_scaling,
-                    exif_orientation=exif_orientation,
-                    name=name,
-                )
+            except Exception as error:  # decoders raise OSError, SyntaxError, EOFError, zlib errors...
+                raise ImageDecodeError(
+                    f"cannot decode {name}: the file is corrupt or truncated ({type(error).__name__}: {error})"
+                ) from error
+            return to_rgb(
+                image,
+                background=background,
+                bit_depth_scaling=bit_depth_scaling,
+                exif_orientation=exif_orientation,
+                name=name,
+            )
     except ImageDecodeError:
         raise
     except MemoryError:
@@ -139,6 +144,33 @@ def load_image(
         raise ImageDecodeError(f"cannot decode {name}: {type(error).__name__}: {error}") from error
     finally:
         stream.close()  # always this module's own stream, never the caller's
+
+
+def _open_header(stream: BinaryIO, name: str) -> Image.Image:
+    """``Image.open`` without its decompression-bomb check: the same plugins tried in the same order
+    (``Image.ID``, ``Image.OPEN``; the common ones first, then all), reading only the header.
+
+    ``Image.open`` compares the size with the process-wide ``Image.MAX_IMAGE_PIXELS``; the caller checks
+    the size with its own limit instead, so that the global is neither relied on nor changed.
+    """
+    prefix = stream.read(16)
+    tried: set[str] = set()
+    for loader in (Image.preinit, Image.init):
+        loader()
+        for format_id in list(Image.ID):
+            if format_id in tried or format_id.upper() not in Image.OPEN:
+                continue
+            tried.add(format_id)
+            factory, accept = Image.OPEN[format_id.upper()]
+            result = accept(prefix) if accept else True
+            if not result or isinstance(result, str):  # a string: "looks like this format but unsupported"
+                continue
+            stream.seek(0)
+            try:
+                return factory(stream, name)
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue  # not this format after all, as Image.open treats it
+    raise Image.UnidentifiedImageError(f"cannot identify image file {name!r}")
 
 
 def to_rgb(
@@ -223,31 +255,6 @@ def _check_pixel_count(image: Image.Image, name: str, max_pixels: int | None) ->
             f"limit {max_pixels:,}); this guards against decompression bombs. If the file is trusted, "
             "raise the limit with load_image(..., max_pixels=N) or disable it with max_pixels=None"
         )
-
-
-# Pillow's limit is a module global; decodes in several threads share one override and the last one out
-# restores the value that was there before the first one came in.
-_limit_lock = threading.Lock()
-_limit_users = 0
-_saved_limit: int | None = None
-
-
-@contextmanager
-def _pillow_limit_disabled() -> Iterator[None]:
-    """Switch Pillow's own decompression-bomb check off (this module checks with its own limit)."""
-    global _limit_users, _saved_limit
-    with _limit_lock:
-        if _limit_users == 0:
-            _saved_limit = Image.MAX_IMAGE_PIXELS
-        _limit_users += 1
-        Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        with _limit_lock:
-            _limit_users -= 1
-            if _limit_users == 0:
-                Image.MAX_IMAGE_PIXELS = _saved_limit
 
 
 def _orientation(image: Image.Image) -> int | None:

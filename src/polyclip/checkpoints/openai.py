@@ -73,12 +73,17 @@ MAX_COMPRESSION_RATIO = 32
 _READ_CHUNK = 1 << 20
 
 
-def _entry(archive: zipfile.ZipFile, name: str, archive_size: int) -> zipfile.ZipInfo:
-    """The archive member ``name``, refused where its declared sizes cannot be honest or would inflate."""
+def _entry(
+    archive: zipfile.ZipFile, name: str, archive_size: int, expected: tuple[int, str] | None = None
+) -> zipfile.ZipInfo:
+    """The archive member ``name``, refused where its declared sizes cannot be honest or would inflate, or
+    differ from ``expected`` (bytes, and what declares them)."""
     try:
         info = archive.getinfo(name)
     except KeyError:
         raise pickle.UnpicklingError(f"the archive has no entry {name}") from None
+    if expected is not None and info.file_size != expected[0]:
+        raise pickle.UnpicklingError(f"{name} declares {info.file_size:,} bytes, {expected[1]}")
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         # bzip2 and lzma members decompress without an output bound in zipfile
         raise pickle.UnpicklingError(f"entry {name} uses compression method {info.compress_type}")
@@ -181,13 +186,9 @@ class _ArchiveUnpickler(pickle.Unpickler):
         (numel,) = _ints((numel,), "storage size")
         if key not in self.storages:
             storage = _Storage(key, storage_type.dtype, numel)
-            info = _entry(self.archive, f"{self.root}/data/{key}", self.archive_size)
-            expected = numel * torch.empty(0, dtype=storage.dtype).element_size()
-            if info.file_size != expected:
-                raise pickle.UnpicklingError(
-                    f"storage {key} declares {info.file_size:,} bytes, its record {numel:,} elements "
-                    f"({expected:,} bytes)"
-                )
+            nbytes = numel * torch.empty(0, dtype=storage.dtype).element_size()
+            record = (nbytes, f"its record {numel:,} elements ({nbytes:,} bytes)")
+            _entry(self.archive, f"{self.root}/data/{key}", self.archive_size, record)
             self.storages[key] = storage
         return self.storages[key]
 
