@@ -9,6 +9,8 @@ import sys
 
 import typer
 
+from polyclip.files import DiskFullError
+
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
@@ -30,6 +32,7 @@ USER_ERRORS = (
     NotADirectoryError,
     PermissionError,
     NotImplementedError,
+    DiskFullError,  # "no space left on device while writing X; free space and rerun to resume"
 )
 
 

@@ -132,17 +132,23 @@ def classify(
             results[str(path)] = str(error)
     if json_output:
         typer.echo(json.dumps(results, indent=2))
-        return
-    for path, ranking in results.items():
-        if isinstance(ranking, str):
-            console.print(f"[red]skipped[/red] {ranking}")
-            continue
-        table = Table(title=path)
-        table.add_column("label")
-        table.add_column("probability", justify="right")
-        for label, probability in ranking:
-            table.add_row(label, f"{probability:.4f}")
-        console.print(table)
+    else:
+        for path, ranking in results.items():
+            if isinstance(ranking, str):
+                console.print(f"[red]skipped[/red] {ranking}")
+                continue
+            table = Table(title=path)
+            table.add_column("label")
+            table.add_column("probability", justify="right")
+            for label, probability in ranking:
+                table.add_row(label, f"{probability:.4f}")
+            console.print(table)
+    if not any(isinstance(ranking, list) for ranking in results.values()):
+        # nothing was classified: a script must not take this run for a success
+        typer.secho(
+            f"error: none of the {len(results)} image(s) could be read", fg=typer.colors.RED, err=True
+        )
+        raise typer.Exit(1)
 
 
 def embed(
@@ -166,10 +172,13 @@ def embed(
     summary = embed_to_parquet(
         model, out, paths or [], text, batch_size=batch_size, workers=workers, dtype=dtype
     )
-    console.print(
-        f"wrote {summary['rows']} embeddings to {out} ({summary['new']} new, "
-        f"{summary['resumed']} from a previous run)"
-    )
+    if summary["complete"]:
+        console.print(f"{out} is already complete: {summary['rows']} embeddings, nothing new to embed")
+    else:
+        console.print(
+            f"wrote {summary['rows']} embeddings to {out} ({summary['new']} new, "
+            f"{summary['resumed']} from a previous run)"
+        )
     if summary["failures"]:
         console.print(f"[yellow]skipped {len(summary['failures'])} unreadable file(s):[/yellow]")
         for path, reason in summary["failures"]:

@@ -6,7 +6,8 @@ A checkpoint is a folder ``checkpoints/step_00001234/``:
 - ``trainer_state.pt``: optimiser state, the step, the data position (epoch and batch within it),
   the random generators (torch, CUDA, Python, NumPy), skip counters and the config.
 
-Written to a temporary folder and renamed, so an interrupted save never leaves a half checkpoint.
+Written to a temporary folder and renamed, so an interrupted save never leaves a half checkpoint; a
+full disk is reported as `polyclip.files.DiskFullError` ("free space and rerun to resume").
 Under FSDP the full (unsharded) weights and optimiser state are gathered on rank 0
 (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True``).
 """
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from polyclip.files import DiskFullError, reporting_disk_full
 from polyclip.train.config import TrainConfigError
 
 STATE_NAME = "trainer_state.pt"
@@ -94,11 +96,19 @@ def save_checkpoint(
     if temporary.exists():
         shutil.rmtree(temporary)
     preprocess_dict = preprocess.config.to_dict() if hasattr(preprocess, "config") else preprocess
-    temporary.mkdir(parents=True)
-    # The tokenizer copies the files it needs (a SentencePiece model, a custom BPE) into the checkpoint.
-    tokenizer_config = tokenizer.save(temporary) if hasattr(tokenizer, "save") else tokenizer.config
-    write_native(temporary, config_model, model_state, preprocess_dict, tokenizer_config)
-    torch.save(trainer_state, temporary / STATE_NAME)
+    try:
+        with reporting_disk_full(final):
+            temporary.mkdir(parents=True)
+            # The tokenizer copies the files it needs (a SentencePiece model, a custom BPE) into the checkpoint.
+            tokenizer_config = tokenizer.save(temporary) if hasattr(tokenizer, "save") else tokenizer.config
+            write_native(temporary, config_model, model_state, preprocess_dict, tokenizer_config)
+            # through a Python file: torch's own writer reports a full disk only as "unexpected pos"
+            with (temporary / STATE_NAME).open("wb") as file:
+                torch.save(trainer_state, file)
+    except DiskFullError:
+        # the earlier checkpoints are untouched; the partial one would only hold on to the space
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     temporary.rename(final)
