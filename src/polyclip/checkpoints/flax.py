@@ -20,6 +20,7 @@ Reference: flax ``serialization.py``; transformers ``models/clip/modeling_flax_c
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +50,26 @@ _CHUNKED = "__msgpack_chunked_array__"
 
 
 def _decode_array(payload: bytes) -> torch.Tensor:
-    shape, dtype_name, buffer = msgpack.unpackb(payload, raw=True)
-    name = dtype_name.decode() if isinstance(dtype_name, bytes) else dtype_name
-    if name not in _DTYPES:
+    # (shape, dtype, bytes): the byte count must be the shape's, checked before anything is allocated
+    try:
+        shape, dtype_name, buffer = msgpack.unpackb(payload, raw=True)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"a flax array record is not (shape, dtype, bytes): {error}") from None
+    name = dtype_name.decode(errors="replace") if isinstance(dtype_name, bytes) else dtype_name
+    if not isinstance(name, str) or name not in _DTYPES:
         raise CheckpointError(f"flax array of dtype {name!r} is not supported")
+    if not isinstance(shape, list | tuple) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
+    ):
+        raise CheckpointError(f"flax array with an invalid shape {shape!r}")
+    if not isinstance(buffer, bytes):
+        raise CheckpointError("flax array without a byte buffer")
     dtype = _DTYPES[name]
+    expected = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    if len(buffer) != expected:
+        raise CheckpointError(
+            f"flax array of shape {list(shape)} and dtype {name} needs {expected:,} bytes, its record holds {len(buffer):,}"
+        )
     if not buffer:
         return torch.empty(tuple(shape), dtype=dtype)
     return torch.frombuffer(bytearray(buffer), dtype=dtype).reshape(tuple(shape))
@@ -78,9 +94,12 @@ def _ordered(mapping: dict[str, Any]) -> list[Any]:
 def _unchunk(tree: Any) -> Any:
     if not isinstance(tree, dict):
         return tree
-    if tree.get(_CHUNKED):
+    if tree.get(_CHUNKED) is True:
         shape = _ordered(tree["shape"])
-        return torch.cat([chunk.reshape(-1) for chunk in _ordered(tree["chunks"])]).reshape(shape)
+        chunks = _ordered(tree["chunks"])
+        if not all(isinstance(chunk, torch.Tensor) for chunk in chunks):
+            raise CheckpointError("a chunked flax array holds chunks that are not arrays")
+        return torch.cat([chunk.reshape(-1) for chunk in chunks]).reshape(shape)
     return {key: _unchunk(value) for key, value in tree.items()}
 
 
@@ -96,7 +115,14 @@ def decode_msgpack(data: bytes) -> dict[str, Any]:
         raise CheckpointError(
             f"a flax checkpoint holds a dict of parameters, this one a {type(tree).__name__}"
         )
-    return _unchunk(tree)
+    try:
+        return _unchunk(tree)
+    except CheckpointError:
+        raise
+    except Exception as error:  # a chunked array whose parts do not fit together
+        raise CheckpointError(
+            f"malformed chunked array in a flax checkpoint ({type(error).__name__}: {error})"
+        ) from error
 
 
 def _flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -111,10 +137,16 @@ def _flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[s
 
 def to_pytorch_names(tree: dict[str, Any]) -> dict[str, torch.Tensor]:
     """flax parameter paths -> transformers' PyTorch key names and layouts."""
-    if set(tree) == {"params"}:
+    if set(tree) == {"params"} and isinstance(tree["params"], dict):
         tree = tree["params"]
     out: dict[str, torch.Tensor] = {}
-    for path, value in _flatten(tree).items():
+    try:
+        flat = _flatten(tree)
+    except RecursionError:
+        raise CheckpointError("a flax checkpoint nested too deep") from None
+    for path, value in flat.items():
+        if not all(isinstance(part, str) for part in path):
+            raise CheckpointError(f"flax parameter path {path!r} has a key that is not a string")
         name = ".".join(path)
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"flax parameter {name} is a {type(value).__name__}, not an array")

@@ -21,7 +21,14 @@ FORMAT_VERSION = 1
 
 
 def read_native(folder: Path) -> Checkpoint:
-    data = json.loads((folder / CONFIG_NAME).read_text())
+    try:
+        data = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {folder / CONFIG_NAME}: {error}") from error
+    if not isinstance(data, dict) or "model" not in data:
+        raise CheckpointError(
+            f"{folder / CONFIG_NAME} is not a polyclip config (an object with a 'model' entry)"
+        )
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(
