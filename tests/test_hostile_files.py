@@ -7,7 +7,6 @@ import errno
 import io
 import json
 import os
-import sys
 import threading
 import types
 from pathlib import Path
@@ -20,6 +19,8 @@ import polyclip
 from polyclip import embed_store
 from polyclip.files import DiskFullError, read_jsonl_log, stable_path
 from polyclip.images import load_image
+from test_hostile_support import run_main
+from test_train_fixtures import colour_pairs, write_jsonl
 
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -33,15 +34,13 @@ def make_images(folder: Path, count: int = 5, broken: bool = True) -> Path:
     return folder
 
 
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``polyclip ARGS`` in this process, through the entry point that turns user errors into one line."""
-    from polyclip.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["polyclip", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    captured = capsys.readouterr()
-    return exit_info.value.code or 0, captured.out, captured.err
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread on a busy machine (as in the trainer's own tests)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def forbid_loading(monkeypatch) -> None:
@@ -347,3 +346,39 @@ def test_embed_with_no_readable_file_fails(tiny_hf_clip_dir, tmp_path, monkeypat
         str(tmp_path / "f.parquet"),
     )
     assert code != 0 and "no image files found" in error
+
+
+@pytest.mark.slow  # two short training runs: ~20 s on a busy machine
+def test_train_command_on_a_full_disk_exits_with_the_message_and_resumes(tmp_path, monkeypatch, capsys):
+    from polyclip.train.checkpoint import list_checkpoints
+    from polyclip.train.config import TrainConfig, apply_overrides
+
+    pairs = write_jsonl(tmp_path / "pairs" / "pairs.jsonl", colour_pairs(tmp_path / "pairs", 8))
+    config = TrainConfig(name="full-disk", output_dir=str(tmp_path / "run"), device="cpu")
+    apply_overrides(
+        config,
+        [
+            "model.architecture=tiny-vit", f"data.train={pairs}", "data.batch_size=4", "data.num_workers=0",
+            "schedule.max_steps=4", "schedule.warmup_steps=1", "checkpoint.every_steps=2", "log.progress=false",
+            "log.plots=false", "log.console=false",
+        ],
+    )  # fmt: skip
+    (tmp_path / "config.json").write_text(config.to_json())
+    real_save, saves = torch.save, []
+
+    def full_from_the_second_save(obj, file, *args, **kwargs):
+        saves.append(1)
+        return real_save(obj, file if len(saves) == 1 else _FullAfter(file, 200), *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", full_from_the_second_save)
+        code, _, error = run_main(monkeypatch, capsys, "train", str(tmp_path / "config.json"))
+    assert code == 2 and "no space left on device while writing" in error and "step_00000004" in error
+    assert "free space and rerun to resume" in error
+    (kept,) = list_checkpoints(tmp_path / "run")
+    assert kept.name == "step_00000002"
+    code, _, error = run_main(
+        monkeypatch, capsys, "train", str(tmp_path / "config.json"), "--resume", "latest"
+    )
+    assert code == 0, error
+    assert list_checkpoints(tmp_path / "run")[-1].name == "step_00000004"

@@ -1,10 +1,14 @@
-"""Builders of hostile files for the test_hostile_* tests: TorchScript-style archives written by hand."""
+"""Shared by the test_hostile_* tests: TorchScript-style archives written by hand, and the CLI run
+through its entry point."""
 
 from __future__ import annotations
 
 import struct
+import sys
 import zlib
 from pathlib import Path
+
+import pytest
 
 # A TorchScript-style archive written by hand: data.pkl as pickle opcodes, members as raw zip records
 
@@ -86,3 +90,15 @@ def script_archive(path: Path, tensors, storages) -> None:
             *storages,
         ],
     )
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``polyclip ARGS`` run in this process through the entry point that
+    turns a user's mistake into one line; an exception escaping it (a traceback) fails the test."""
+    from polyclip.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["polyclip", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
