@@ -54,6 +54,7 @@ class ToyModel(torch.nn.Module):
     def __init__(self, logit_scale: float = 4.0):
         super().__init__()
         self.logit_scale = torch.nn.Parameter(torch.tensor(logit_scale))
+        self.logit_bias = None  # a softmax (CLIP) model
         self.config = SimpleNamespace(embed_dim=toy.EMBED_DIM, logit_scale_max=100.0)
 
     def encode_image(self, pixels, normalize=False):
@@ -239,3 +240,87 @@ def test_fashionclip_protocol_equals_zero_shot_classification(tmp_path):
     # Normalising the text side, as a cosine would, changes the answers: the protocol is not CLIP's.
     cosine = ZeroShotConfig(templates="fashionclip", underscores_to_spaces=False)
     assert run_zero_shot([toy_eval_model()], dataset, cosine, RUN).results[0].metrics["accuracy"] < 1.0
+
+
+# ----------------------------------------------------------------------------- BioCLIP
+
+
+def _bioclip_images():
+    data = golden("bioclip")
+    pixels = torch.from_numpy(toy.image_features(np.array(data["pixels"], np.uint8)))  # (B, E)
+    return data, pixels
+
+
+def _as_reference(path: tuple[str, ...], rank: str, taxon=None) -> dict:
+    """A polyclip (path, probability) prediction in pybioclip's dict layout."""
+    from polyclip.domains.taxonomy import RANKS
+
+    keys = list(RANKS[: RANKS.index(rank) + 1])
+    if rank != "species":
+        return dict(zip(keys, path))
+    out = dict(zip(keys[:-1], path[:-1]))
+    out.update(species_epithet=path[-1], species=f"{path[-2]} {path[-1]}", common_name=taxon.common_name)
+    return out
+
+
+def test_bioclip_custom_labels_are_scored_as_pybioclip():
+    from polyclip.domains.taxonomy import custom_labels_classifier
+
+    data = golden("bioclip")
+    model = ToyModel(data["logit_scale"])
+    classifier = custom_labels_classifier(model, ClipTokenizer(), toy_preprocess, data["custom_labels"])
+    torch.testing.assert_close(classifier.weights, torch.tensor(data["custom_weights"]), atol=1e-6, rtol=0)
+    ours = classifier.top_k([Image.fromarray(np.array(p, np.uint8), "RGB") for p in data["pixels"]], k=3)
+    reference = data["custom_predictions"]
+    for image, row in enumerate(ours):
+        theirs = [r for r in reference if r["file_name"] == str(image)]
+        assert [label for label, _ in row] == [r["classification"] for r in theirs]
+        assert [p for _, p in row] == pytest.approx([r["score"] for r in theirs], abs=1e-6)
+
+
+def test_bioclip_tree_of_life_predicts_at_every_rank_as_pybioclip():
+    from polyclip.domains.taxonomy import RANKS, TaxonomicClassifier, TreeOfLife
+
+    data, pixels = _bioclip_images()
+    tree = TreeOfLife.load(GOLDEN / "treeoflife" / "txt_emb_species.npy")
+    assert len(tree.taxa) == 11 and tree.embeddings.shape == (11, toy.EMBED_DIM)
+    classifier = TaxonomicClassifier.from_tree_of_life(ToyModel(data["logit_scale"]), toy_preprocess, tree)
+    probabilities = classifier.probabilities_from_features(F.normalize(pixels, dim=-1))
+    compared = 0
+    for key, rows in data["treeoflife"].items():
+        rank, min_prob = key.split("@")
+        ours = classifier.rank(probabilities, rank, k=3, min_prob=float(min_prob))
+        for image, reference in enumerate(rows):
+            if reference is None:  # pybioclip fails when exactly one species passes min_prob
+                assert rank != "species" and len(ours[image]) == 1
+                continue
+            taxa = {t.path(): t for t in tree.taxa}
+            assert [_as_reference(path, rank, taxa.get(path)) for path, _ in ours[image]] == [
+                {k: v for k, v in r.items() if k not in ("file_name", "score")} for r in reference
+            ]
+            assert [p for _, p in ours[image]] == pytest.approx([r["score"] for r in reference], abs=1e-6)
+            compared += 1
+    assert compared >= len(RANKS) * 6
+    within = classifier.rank(
+        classifier.probabilities_from_features(F.normalize(pixels, dim=-1), {"family": "Corvidae"}),
+        "genus",
+        k=3,
+    )
+    for image, row in enumerate(within):
+        reference = [r for r in data["within_corvidae_genus"] if r["file_name"] == str(image)]
+        assert [path[-1] for path, _ in row] == [r["genus"] for r in reference]
+        assert [p for _, p in row] == pytest.approx([r["score"] for r in reference], abs=1e-6)
+
+
+def test_tree_of_life_files_are_checked(tmp_path):
+    from polyclip.domains.taxonomy import TaxonomyError, TreeOfLife
+
+    np.save(tmp_path / "txt_emb_species.npy", np.zeros((11, 12), np.float32))  # not transposed
+    (tmp_path / "txt_emb_species.json").write_text(
+        (GOLDEN / "treeoflife" / "txt_emb_species.json").read_text()
+    )
+    with pytest.raises(TaxonomyError, match="one column per entry"):
+        TreeOfLife.load(tmp_path / "txt_emb_species.npy")
+    (tmp_path / "txt_emb_species.json").write_text('[["Animalia", "raven"]]')
+    with pytest.raises(TaxonomyError, match="entry 0"):
+        TreeOfLife.load(tmp_path / "txt_emb_species.npy")
