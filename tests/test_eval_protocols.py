@@ -324,3 +324,19 @@ def test_tree_of_life_files_are_checked(tmp_path):
     (tmp_path / "txt_emb_species.json").write_text('[["Animalia", "raven"]]')
     with pytest.raises(TaxonomyError, match="entry 0"):
         TreeOfLife.load(tmp_path / "txt_emb_species.npy")
+
+
+def test_clip_rsicd_recipe_follows_run_clip_training_tv():
+    from polyclip.train.recipes import get_recipe
+
+    reference = golden("clip_rsicd")["training_recipe"]
+    config = get_recipe("clip_rsicd")
+    assert config.data.batch_size == reference["global_batch"]
+    assert config.optim.lr == reference["lr"] and list(config.optim.betas) == reference["betas"]
+    assert config.optim.weight_decay == reference["weight_decay"]
+    assert (
+        config.schedule.warmup_steps == reference["warmup_steps"]
+        and config.schedule.epochs == reference["epochs"]
+    )
+    assert config.data.captions == "each" and reference["captions_per_image"] == 5  # RSICD has five per image
+    assert config.precision == "bf16" and reference["dtype"] == "bfloat16"

@@ -307,6 +307,25 @@ def rsicd_goldens(repo: Path, scratch: Path) -> dict:
         sys.modules.update(saved_modules)
         sys.argv = saved_argv
         os.chdir(saved_cwd)
+    flags = {}
+    for line in (repo / "run_clip_training_tv.sh").read_text().splitlines():
+        parts = line.strip().rstrip("\\").split(None, 1)
+        if parts and parts[0].startswith("--") and not line.lstrip().startswith("#"):
+            key, _, value = parts[0][2:].partition("=")
+            value = value or (parts[1].strip() if len(parts) > 1 else "true")
+            flags[key] = value.strip('"')
+    devices = int(flags["output_dir"].split("bs")[1].split("x")[1].split("-")[0])  # ".../bs256x8-lr..."
+    recipe = {
+        "global_batch": int(flags["per_device_train_batch_size"]) * devices,
+        "lr": float(flags["learning_rate"]),
+        "betas": [float(flags["adam_beta1"]), float(flags["adam_beta2"])],
+        "weight_decay": float(flags["weight_decay"]),
+        "warmup_steps": int(flags["warmup_steps"]),
+        "epochs": int(flags["num_train_epochs"]),
+        "captions_per_image": int(flags["captions_per_image"]),
+        "augment_captions": flags["augment_captions"],
+        "dtype": flags["dtype"],
+    }
     predictions = {}
     for line in (work / "nbs" / "results" / "toy-model.tsv").read_text().splitlines():
         cols = line.split("\t")
@@ -318,6 +337,7 @@ def rsicd_goldens(repo: Path, scratch: Path) -> dict:
         "eval_images": namespace["eval_images"],
         "predictions": predictions,
         "k_values": namespace["K_VALUES"],
+        "training_recipe": recipe,
         "scores": namespace["scores_k"],
     }
 
