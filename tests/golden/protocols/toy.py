@@ -41,3 +41,17 @@ def image_features(pixels) -> np.ndarray:
     pixels = np.asarray(pixels)
     flat = pixels.reshape(*pixels.shape[:-3], EMBED_DIM).astype(np.float32)
     return flat / np.float32(255.0) - np.float32(0.5)
+
+
+def reference_state(spec) -> dict:
+    """Tensor values for a model's ``[(key, shape), ...]``: numpy's PCG64 stream (seed 7) in sorted key
+    order, N(0, 1) / sqrt(fan-in); weight-norm gains (``*_g``) made positive (|x| + 1)."""
+    rng = np.random.default_rng(7)
+    out = {}
+    for key, shape in sorted((key, tuple(shape)) for key, shape in spec):
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else max(shape[0] if shape else 1, 1)
+        values = np.asarray(rng.standard_normal(shape) / np.sqrt(fan_in))
+        if key.endswith("_g"):
+            values = np.abs(values) + 1.0
+        out[key] = np.asarray(values, dtype=np.float32).reshape(shape)
+    return out
