@@ -36,6 +36,7 @@ import torch
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[2] / "tests" / "golden" / "protocols"))
 import toy  # noqa: E402
+
 QUESTION_LEN = 12
 HIDDEN = 32  # --num_hid, small so that the golden stays small (the reference runs use 1024)
 
@@ -76,9 +77,13 @@ def fill_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("repo", type=Path, help="sarahESL/PubMedCLIP checkout")
-    parser.add_argument("--out", type=Path, default=HERE.parents[2] / "tests" / "golden" / "protocols" / "medvqa")
+    parser.add_argument(
+        "--out", type=Path, default=HERE.parents[2] / "tests" / "golden" / "protocols" / "medvqa"
+    )
     args = parser.parse_args()
     repo, out = args.repo.resolve(), args.out.resolve()
     # The reference reads embed_tfidf_weights.pkl with a plain torch.load (full unpickling), as torch did
@@ -196,7 +201,9 @@ def main() -> None:
     arrays = {}
     for size, channels in ((128, 1), (250, 3)):
         target = scratch / f"images{size}.pkl"
-        img_ns["imageresize"](str(scratch / "img2idx.json"), str(data / "images"), size, str(target), channels)
+        img_ns["imageresize"](
+            str(scratch / "img2idx.json"), str(data / "images"), size, str(target), channels
+        )
         arrays[size] = torch.from_numpy(pickle.loads(target.read_bytes())).float()
     tests = json.loads((data / "testset.json").read_text())
     index = [names.index(r["image_name"]) for r in tests]
