@@ -125,7 +125,10 @@ def register(app: typer.Typer) -> None:
     def zeroshot_command(
         models: Models,
         data: Annotated[
-            Path, typer.Option("--data", help="Image folder, CSV (path,label) or idx images file.")
+            Path,
+            typer.Option(
+                "--data", help="Image folder, CSV (path,label), dataset_rsicd.json or idx images file."
+            ),
         ],
         out: Out,
         labels: Annotated[
