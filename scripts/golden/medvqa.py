@@ -148,9 +148,8 @@ def main() -> None:
     exec(source_of(qcr / "utils" / "create_label.py", "create_ans2label"), label_ns)
     frames = [Frame(json.loads((data / f"{s}set.json").read_text())) for s in ("train", "test")]
     label_ns["create_ans2label"](None, frames[0], frames[1], root=str(data))
-    for stale in ("trainval_label2ans.pkl", "close_ans2label.pkl", "close_label2ans.pkl",
-                  "open_ans2label.pkl", "open_label2ans.pkl"):  # fmt: skip
-        (data / "cache" / stale).unlink()
+    for unread in ("trainval_label2ans.pkl", "close_ans2label.pkl", "open_ans2label.pkl"):
+        (data / "cache" / unread).unlink()  # close_ / open_label2ans.pkl stay: QCR reads them
     ans2label = pickle.loads((data / "cache" / "trainval_ans2label.pkl").read_bytes())
 
     glove = np.random.default_rng(12).standard_normal((len(dictionary), 300)).astype(np.float32)
@@ -231,8 +230,96 @@ def main() -> None:
         "ans2label": ans2label,
     }
     (out / "mevf.json").write_text(json.dumps(golden, indent=1) + "\n")
+    qcr_golden(repo, data, out, dictionary, ans2label, ae, clip_pixels, q)
     shutil.rmtree(scratch)
-    print(f"wrote {out / 'mevf.json'} and {data}")
+    print(f"wrote {out / 'mevf.json'}, {out / 'qcr.json'} and {data}")
+
+
+def qcr_golden(repo, data, out, dictionary, ans2label, ae, clip_pixels, q) -> None:
+    """QCR_PubMedCLIP's BAN_Model and classify_model, built from its sources, on the same inputs."""
+    import clip
+    from torch import nn
+    from torch.nn import functional
+    from torch.nn.init import kaiming_uniform_, xavier_uniform_
+    from torch.nn.utils.weight_norm import weight_norm
+
+    lib = repo / "QCR_PubMedCLIP" / "lib"
+    namespace = {
+        "torch": torch, "nn": nn, "F": functional, "np": np, "os": os, "weight_norm": weight_norm,
+        "xavier_uniform_": xavier_uniform_, "kaiming_uniform_": kaiming_uniform_, "clip": clip,
+        "Variable": torch.autograd.Variable,
+    }  # fmt: skip
+    for path, names in (
+        (lib / "language" / "language_model.py", ("WordEmbedding", "QuestionEmbedding")),
+        (lib / "network" / "connect.py", ("FCNet", "BCNet")),
+        (repo / "QCR_PubMedCLIP" / "main" / "classifier.py", ("SimpleClassifier",)),
+        (lib / "network" / "auto_encoder.py", ("Auto_Encoder_Model",)),
+        (
+            lib / "language" / "classify_question.py",
+            ("linear", "QuestionAttention", "typeAttention", "classify_model"),
+        ),
+        (lib / "BAN" / "multi_level_model.py", ("BiAttention", "BiResNet", "seperate", "BAN_Model")),
+    ):
+        exec(source_of(path, *names), namespace)
+    ns = types.SimpleNamespace
+    cfg = ns(
+        TRAIN=ns(
+            QUESTION=ns(CAT=True, RNN="GRU", HID_DIM=1024, CLS_HID_DIM=1024, TFIDF=False),  # TFIDF: init only
+            ATTENTION=ns(GLIMPSE=2, USE_COUNTER=False),
+            VISION=ns(MAML=False, AUTOENCODER=True, AE_PATH="pretrained_ae.pth", CLIP=True, CLIP_ORG=True,
+                      CLIP_VISION_ENCODER="ViT-B/32", OTHER_MODEL=False),  # fmt: skip
+            ACTIVATION="relu", DROPOUT=0.5,
+        ),
+        DATASET=ns(DATA_DIR=str(data)),
+    )  # fmt: skip
+    close_answers = pickle.loads((data / "cache" / "close_label2ans.pkl").read_bytes())
+    dataset = types.SimpleNamespace(
+        dictionary=types.SimpleNamespace(ntoken=dictionary.ntoken), v_dim=32 + 64,
+        num_close_candidates=len(close_answers), num_open_candidates=len(ans2label) - len(close_answers),
+        num_ans_candidates=len(ans2label),
+    )  # fmt: skip
+    model = namespace["BAN_Model"](dataset, cfg, "cpu")
+    state = model.state_dict()
+    model.load_state_dict(fill_state(state), strict=True)
+    glove = str(data / "glove6b_init_300d.npy")
+    type_model = namespace["classify_model"](dictionary.ntoken, glove)
+    type_state = type_model.state_dict()
+    type_model.load_state_dict(fill_state(type_state), strict=True)
+    model.eval()
+    type_model.eval()
+    answers = torch.zeros(q.shape[0], len(ans2label))
+    # The type networks drop out at test time (see polyclip's qcr.py), so a seed fixes the run. With random
+    # weights every question would take one branch; the type classifier's last bias is moved so that the
+    # median question sits on the boundary, under the same dropout draws (typeatt's first, then its own).
+    seed = 2024
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.typeatt([q])
+        logits = type_model([q])
+    margin = logits[:, 1] - logits[:, 0]
+    bias = type_model.f_fc3.bias.detach().clone()
+    bias[1] -= float(margin.median()) + 1e-3
+    with torch.no_grad():
+        type_model.f_fc3.bias.copy_(bias)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        close_out, open_out, _, _, decoder, index_open, index_close = model.forward_classify(
+            [None, ae, clip_pixels], [q], answers, type_model, len(close_answers)
+        )
+        close_logits, open_logits = model.classify(close_out, open_out)
+    golden = {
+        "state_spec": [[key, list(state[key].shape)] for key in sorted(state)],
+        "type_state_spec": [[key, list(type_state[key].shape)] for key in sorted(type_state)],
+        "seed": seed,
+        "type_f_fc3_bias": bias.tolist(),
+        "index_open": index_open,
+        "index_close": index_close,
+        "close_logits": close_logits.tolist(),
+        "open_logits": open_logits.tolist(),
+        "decoder_sum": float(decoder.double().sum()),
+        "num_closed": len(close_answers),
+    }
+    (out / "qcr.json").write_text(json.dumps(golden, indent=1) + "\n")
 
 
 if __name__ == "__main__":
