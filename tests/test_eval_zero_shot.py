@@ -67,7 +67,7 @@ def test_builtin_template_sets():
     assert imagenet[0] == "a bad photo of a {}." and "itap of my {}." in imagenet
     for name in sets:
         assert all(t.count("{}") == 1 for t in load_templates(name))
-    assert load_templates("plip") == ["an H&E image of {}."]
+    assert load_templates("fashionclip") == ["{}"]  # the raw label; PLIP's and RSICD's: test_eval_protocols
 
 
 def test_template_files(tmp_path):

@@ -51,7 +51,10 @@ TINY_CLIP = DualEncoderConfig(
     ),
     text=TextConfig(context_length=16, width=64, layers=1, heads=1, mlp_dim=256, act="quick_gelu"),
 )
-TINY_OPTIONS = dict(word_dim=16, hidden_dim=32, autoencoder_size=16, autoencoder_dim=16)
+# random word embeddings (no GloVe), so without the tf-idf copy that main.py builds from GloVe by default
+TINY_OPTIONS = dict(
+    word_dim=16, hidden_dim=32, autoencoder_size=16, autoencoder_dim=16, tfidf_embedding=False
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -538,7 +541,7 @@ def test_build_from_a_pubmedclip_checkpoint_uses_its_image_tower(tmp_path, spot_
         "".join(f"{w} " + " ".join(str(0.1 * i) for i in range(5)) + "\n" for w in ("is", "spot", "where"))
     )
     vqa = MedVQA.build(
-        path, records, word_vectors=glove, tfidf_embedding=True, **(TINY_OPTIONS | {"word_dim": 5})
+        path, records, word_vectors=glove, **(TINY_OPTIONS | {"word_dim": 5, "tfidf_embedding": True})
     )
     pixels = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(vqa.model.clip_visual(pixels), reference.encode_image(pixels))
@@ -618,7 +621,8 @@ def test_cli_train_evaluate_answer(tmp_path, spot_data):
     out = tmp_path / "model"
     args = ["medvqa", "train", "--train", str(spot_data / "test.json"), "--images", str(spot_data / "images"),
             "--out", str(out), "--clip", str(clip), "--epochs", "1", "--batch-size", "24", "--hidden-dim", "16",
-            "--rnn", "gru", "--autoencoder-size", "16", "--preprocess", "pubmedclip", "--device", "cpu"]  # fmt: skip
+            "--rnn", "gru", "--autoencoder-size", "16", "--preprocess", "pubmedclip", "--device", "cpu",
+            "--no-tfidf"]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "saved to" in result.output and (out / "medvqa.json").is_file()

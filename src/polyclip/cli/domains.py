@@ -84,8 +84,18 @@ def geolocate(
 def taxonomy(
     images: Annotated[list[Path], typer.Argument(help="image files")],
     taxa: Annotated[
-        Path, typer.Option(help="CSV: kingdom,phylum,class,order,family,genus,species[,common_name]")
-    ],
+        Path | None, typer.Option(help="CSV: kingdom,phylum,class,order,family,genus,species[,common_name]")
+    ] = None,
+    tree_of_life: Annotated[
+        Path | None,
+        typer.Option(
+            "--tree-of-life",
+            help="pybioclip's txt_emb_species.npy (txt_emb_species.json beside it), instead of --taxa",
+        ),
+    ] = None,
+    min_prob: Annotated[
+        float, typer.Option("--min-prob", help="species at or below it do not count above species rank")
+    ] = 1e-9,
     model: Annotated[str, typer.Option("--model", "-m")] = "bioclip",
     rank: Annotated[str, typer.Option(help="kingdom ... species")] = "species",
     within: Annotated[
@@ -99,8 +109,10 @@ def taxonomy(
 ) -> None:
     """Tree-of-life prediction at any rank, optionally within a taxon."""
     import polyclip
-    from polyclip.domains.taxonomy import TaxonomicClassifier, read_taxa
+    from polyclip.domains.taxonomy import TaxonomicClassifier, TreeOfLife, read_taxa
 
+    if (taxa is None) == (tree_of_life is None):
+        raise ValueError("give either --taxa (a CSV) or --tree-of-life (txt_emb_species.npy)")
     restriction = {}
     for item in within or []:
         if "=" not in item:
@@ -108,12 +120,17 @@ def taxonomy(
         key, value = item.split("=", 1)
         restriction[key.strip()] = value.strip()
     loaded_model, preprocess, tokenizer = polyclip.load(model)
-    classifier = TaxonomicClassifier(
-        loaded_model, tokenizer, preprocess, read_taxa(taxa), text_type=text_type
-    )
+    if tree_of_life is not None:
+        classifier = TaxonomicClassifier.from_tree_of_life(
+            loaded_model, preprocess, TreeOfLife.load(tree_of_life)
+        )
+    else:
+        classifier = TaxonomicClassifier(
+            loaded_model, tokenizer, preprocess, read_taxa(taxa), text_type=text_type
+        )
     loaded = _load_images(images)
     results = classifier.predict(
-        [image for _, image in loaded], rank=rank, k=top_k, within=restriction or None
+        [image for _, image in loaded], rank=rank, k=top_k, within=restriction or None, min_prob=min_prob
     )
     if json_output:
         typer.echo(

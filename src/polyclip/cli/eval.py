@@ -125,14 +125,35 @@ def register(app: typer.Typer) -> None:
     def zeroshot_command(
         models: Models,
         data: Annotated[
-            Path, typer.Option("--data", help="Image folder, CSV (path,label) or idx images file.")
+            Path,
+            typer.Option(
+                "--data", help="Image folder, CSV (path,label), dataset_rsicd.json or idx images file."
+            ),
         ],
         out: Out,
         labels: Annotated[
             Path | None, typer.Option("--labels", help="idx labels file (default: guessed).")
         ] = None,
         class_names: ClassNames = None,
-        templates: Templates = "openai_imagenet",
+        image_root: Annotated[
+            Path | None, typer.Option("--image-root", help="Image folder of a dataset_rsicd.json.")
+        ] = None,
+        protocol: Annotated[
+            str | None,
+            typer.Option(
+                "--protocol",
+                help="A system's own protocol: clip, clip-rsicd, plip, plip-tissue, fashionclip, bioclip.",
+            ),
+        ] = None,
+        templates: Annotated[
+            str | None,
+            typer.Option(
+                "--templates", help="Template set or file (default: the protocol's, else openai_imagenet)."
+            ),
+        ] = None,
+        top_ks: Annotated[
+            str | None, typer.Option("--top-ks", help="Comma-separated k for top-k accuracy (default 1,5).")
+        ] = None,
         cache_dir: CacheDir = None,
         batch_size: BatchSize = 64,
         workers: Workers = 2,
@@ -141,9 +162,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from polyclip.eval import ZeroShotConfig, load_labeled, run_zero_shot
 
-        dataset = load_labeled(data, labels, class_names)
+        ks = _ints(top_ks, "--top-ks") if top_ks is not None else None
+        if protocol is not None:
+            config = ZeroShotConfig.for_protocol(protocol, templates=templates, top_ks=ks)
+        else:
+            config = ZeroShotConfig(templates=templates or "openai_imagenet", top_ks=ks or (1, 5))
+        dataset = load_labeled(data, labels, class_names, image_root)
         run = _run_config(cache_dir, batch_size, workers, device)
-        _finish(run_zero_shot(models, dataset, ZeroShotConfig(templates=templates), run), out, no_plots)
+        _finish(run_zero_shot(models, dataset, config, run), out, no_plots)
 
     @command("retrieval", cls=_ModelsCommand, help="Image-text retrieval: R@K, median/mean rank, P@K.")
     @_user_errors
@@ -186,8 +212,16 @@ def register(app: typer.Typer) -> None:
         val: Annotated[
             Path | None, typer.Option("--val", help="Validation images (default: split off train).")
         ] = None,
-        protocol: Annotated[str, typer.Option("--protocol", help="logreg (CLIP paper) or plip.")] = "logreg",
-        seed: Annotated[int, typer.Option("--seed")] = 0,
+        protocol: Annotated[
+            str,
+            typer.Option(
+                "--protocol",
+                help="logreg (CLIP paper) or plip (PLIP's SGD: every alpha on test, plus a held-out choice).",
+            ),
+        ] = "logreg",
+        seed: Annotated[
+            int | None, typer.Option("--seed", help="Default: the protocol's (logreg 0, plip 1).")
+        ] = None,
         class_names: ClassNames = None,
         cache_dir: CacheDir = None,
         batch_size: BatchSize = 64,

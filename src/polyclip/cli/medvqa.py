@@ -67,8 +67,19 @@ def train_command(
         Path | None, typer.Option("--eval", help="Question file evaluated each epoch (best epoch kept).")
     ] = None,
     tfidf: Annotated[
-        bool, typer.Option("--tfidf", help="Add the tf-idf smoothed embedding (600-d input).")
-    ] = False,
+        bool,
+        typer.Option(
+            "--tfidf/--no-tfidf",
+            help="The tf-idf smoothed second embedding (600-d input, the reference's --op c).",
+        ),
+    ] = True,
+    answers: Annotated[
+        str,
+        typer.Option(
+            "--answers",
+            help="Answer vocabulary from 'train' (default) or 'trainval': train + --eval answers, the paper's protocol.",
+        ),
+    ] = "train",
     rnn: Annotated[str, typer.Option("--rnn", help="lstm (MEVF's default) or gru.")] = "lstm",
     hidden_dim: Annotated[int, typer.Option("--hidden-dim", help="RNN, BAN and joint size.")] = 1024,
     autoencoder_size: Annotated[
@@ -101,10 +112,15 @@ def train_command(
     )  # fmt: skip
     records = load_records(train_file, _language(language))
     eval_records = load_records(eval_file, _language(language)) if eval_file else None
+    if answers not in ("train", "trainval"):
+        raise ValueError(f"--answers is 'train' or 'trainval', got {answers!r}")
+    if answers == "trainval" and not eval_records:
+        raise ValueError("--answers trainval (the paper's protocol) needs the test questions as --eval")
     vqa = MedVQA.build(
         clip, records, word_vectors=glove, autoencoder_weights=autoencoder_weights,
         dictionary=read_dictionary(dictionary) if dictionary else None, preprocess=preprocess,
         tfidf_embedding=tfidf, rnn=rnn, hidden_dim=hidden_dim, autoencoder_size=autoencoder_size,
+        answer_records=[*records, *eval_records] if answers == "trainval" else None,
     )  # fmt: skip
     size, length = vqa.config.autoencoder_size, vqa.config.question_length
     train_set = MedVQADataset(records, images, vqa.dictionary, vqa.answers, vqa.preprocess, size, length)
@@ -126,9 +142,32 @@ def train_command(
 
 
 def evaluate_command(
-    model: Annotated[Path, typer.Option("--model", "-m", help="A folder saved by 'medvqa train'.")],
-    data: Annotated[Path, typer.Option("--data", help="Question file (VQA-RAD/SLAKE JSON).")],
-    images: Images,
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="Question file (VQA-RAD/SLAKE JSON); with --reference-checkpoint, the reference's data folder.",
+        ),
+    ],
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="A folder saved by 'medvqa train'.")
+    ] = None,
+    reference_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--reference-checkpoint",
+            help="A model saved by PubMedCLIP's own trainer (MEVF_PubMedCLIP, BAN --clip --autoencoder).",
+        ),
+    ] = None,
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            "--images", help="Folder the records' image names are relative to (default: DATA/images)."
+        ),
+    ] = None,
+    questions: Annotated[
+        str, typer.Option("--questions", help="With --reference-checkpoint: the question file in DATA.")
+    ] = "testset.json",
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Write accuracies and every prediction to this JSON file."),
@@ -140,10 +179,21 @@ def evaluate_command(
     """Accuracy on closed, open and all questions (and per question type)."""
     from polyclip.domains.medvqa import MedVQA, MedVQADataset, evaluate, load_records
 
-    vqa = MedVQA.load(model, device=device)
-    records = load_records(data, _language(language))
+    if (model is None) == (reference_checkpoint is None):
+        raise ValueError("give either --model (a folder saved by 'medvqa train') or --reference-checkpoint")
+    if reference_checkpoint is not None:
+        vqa = MedVQA.from_reference(reference_checkpoint, data).to(device or "cpu")
+        question_file = data / questions
+        image_root = images or data / "images"
+    else:
+        vqa = MedVQA.load(model, device=device)
+        question_file = data
+        if images is None:
+            raise ValueError("--images is required with --model")
+        image_root = images
+    records = load_records(question_file, _language(language))
     dataset = MedVQADataset(
-        records, images, vqa.dictionary, vqa.answers, vqa.preprocess, vqa.config.autoencoder_size,
+        records, image_root, vqa.dictionary, vqa.answers, vqa.preprocess, vqa.config.autoencoder_size,
         vqa.config.question_length,
     )  # fmt: skip
     result = evaluate(vqa, dataset, batch_size=batch_size or 64)

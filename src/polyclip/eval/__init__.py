@@ -16,6 +16,7 @@ from polyclip.eval.data import (
     read_idx,
     read_image_csv,
     read_image_folder,
+    read_rsicd_labels,
 )
 from polyclip.eval.errors import DataError, EvalError
 from polyclip.eval.features import EncodeConfig, encode_images
@@ -23,6 +24,7 @@ from polyclip.eval.few_shot import TipAdapterConfig, nearest_centroid_scores, ti
 from polyclip.eval.hierarchy import Hierarchy, accuracy_per_rank
 from polyclip.eval.metrics import ClassificationMetrics, classification_metrics
 from polyclip.eval.probe import ProbeConfig, linear_probe
+from polyclip.eval.protocols import ZERO_SHOT_PROTOCOLS, ZeroShotProtocol, zero_shot_protocol
 from polyclip.eval.report import EvalReport, ModelResult, write_report
 from polyclip.eval.retrieval import RetrievalConfig, evaluate_retrieval, rank_gallery
 from polyclip.eval.runner import (
@@ -63,6 +65,8 @@ __all__ = [
     "RetrievalConfig",
     "RunConfig",
     "TipAdapterConfig",
+    "ZERO_SHOT_PROTOCOLS",
+    "ZeroShotProtocol",
     "ZeroShotConfig",
     "accuracy_per_rank",
     "build_zero_shot_weights",
@@ -80,6 +84,7 @@ __all__ = [
     "read_idx",
     "read_image_csv",
     "read_image_folder",
+    "read_rsicd_labels",
     "run_bias",
     "run_few_shot",
     "run_hierarchical",
@@ -90,4 +95,5 @@ __all__ = [
     "top_k_classes",
     "weat",
     "write_report",
+    "zero_shot_protocol",
 ]

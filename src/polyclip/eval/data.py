@@ -7,6 +7,8 @@ Formats read:
   or one ``"caption"`` per line; RSICD's ``{"filename", "captions"}`` too) and the
   ``dataset_*.json`` split files used for COCO / Flickr30k / RSICD
   (``images[].filename``, ``filepath``, ``split``, ``sentences[].raw``);
+- RSICD scene labels (``read_rsicd_labels``): the test split of ``dataset_rsicd.json``, the class
+  from each file name's prefix, as CLIP-RSICD's evaluation script reads them;
 - MNIST / Fashion-MNIST idx files (``*-images-idx3-ubyte[.gz]`` with ``*-labels-idx1-ubyte[.gz]``),
   read with numpy: magic = two zero bytes, a type code (0x08 = unsigned byte), the number of
   dimensions, then one big-endian int32 per dimension.
@@ -22,6 +24,7 @@ import csv
 import gzip
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,6 +353,53 @@ def read_captions(
     return _group_captions(records, base, path)
 
 
+def read_rsicd_labels(
+    captions_path: str | Path, image_root: str | Path | None = None, split: str = "test"
+) -> LabeledImages:
+    """RSICD scene classification as arampacha/CLIP-rsicd ``run_clip_eval.py`` builds it.
+
+    The images are those of ``split`` in ``dataset_rsicd.json`` whose file name has a "_" after its
+    first character ("airport_12.jpg"; the numbered-only files have no class); an image's class is
+    its file name before the first "_"; the classes are the sorted prefixes of every file in the
+    image folder with a "_" in its name (RSICD's 30 scenes), not only those of the split.
+    """
+    captions_path = Path(captions_path)
+    root = Path(image_root) if image_root is not None else captions_path.parent
+    if not root.is_dir():
+        raise DataError(f"RSICD image folder {root} does not exist (give it with --image-root)")
+    try:
+        data = json.loads(captions_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"cannot read {captions_path} as dataset_rsicd.json: {error}") from error
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise DataError(f"{captions_path}: expected a dataset_*.json file with an 'images' list")
+    filenames = [
+        record["filename"]
+        for record in images
+        if isinstance(record, dict)
+        and record.get("split") == split
+        and isinstance(record.get("filename"), str)
+        and record["filename"].find("_") > 0
+    ]
+    if not filenames:
+        raise DataError(f"{captions_path}: no class-named images (prefix_N.jpg) in split {split!r}")
+    class_names = sorted({name.split("_")[0] for name in os.listdir(root) if "_" in name})
+    index = {name: position for position, name in enumerate(class_names)}
+    missing = sorted({name for name in filenames if name.split("_")[0] not in index})
+    if missing:
+        raise DataError(
+            f"{root}: the images {', '.join(missing[:5])} of {captions_path} are not in the folder"
+        )
+    labels = [index[name.split("_")[0]] for name in filenames]
+    return LabeledImages(
+        FileImages([root / name for name in filenames]),
+        np.array(labels),
+        class_names,
+        name=str(captions_path),
+    )
+
+
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -407,9 +457,13 @@ def read_idx(
 
 
 def load_labeled(
-    path: str | Path, labels_path: str | Path | None = None, class_names: Sequence[str] | str | None = None
+    path: str | Path,
+    labels_path: str | Path | None = None,
+    class_names: Sequence[str] | str | None = None,
+    image_root: str | Path | None = None,
 ) -> LabeledImages:
-    """A labelled dataset from a folder (ImageFolder), a ``.csv`` file or an idx images file."""
+    """A labelled dataset from a folder (ImageFolder), a ``.csv`` file, an idx images file, or
+    RSICD's ``dataset_rsicd.json`` (its test split, classes from the file names; ``image_root``)."""
     path = Path(path)
     names = resolve_class_names(class_names)
     if path.is_dir():
@@ -425,6 +479,10 @@ def load_labeled(
         raise DataError(f"dataset {path} does not exist")
     if path.suffix.lower() == ".csv":
         return read_image_csv(path, class_names=names)
+    if path.suffix.lower() == ".json":
+        return read_rsicd_labels(path, image_root)
     if "idx" in path.name or path.name.endswith((".ubyte", ".ubyte.gz")):
         return read_idx(path, labels_path, names)
-    raise DataError(f"dataset {path}: unknown format (use a folder, a .csv file or an idx images file)")
+    raise DataError(
+        f"dataset {path}: unknown format (use a folder, a .csv file, dataset_rsicd.json or an idx images file)"
+    )

@@ -6,12 +6,19 @@ Two protocols:
   The paper sweeps 96 log-spaced values; this sweeps every second decade, then narrows around the
   best value by halving the step (``refine_rounds``), which lands within a quarter decade of the
   paper's optimum with far fewer fits. Selection by validation accuracy.
-- ``plip``, PLIP's (PathologyFoundation/plip ``reproducibility`` LinearProber):
-  ``SGDClassifier(loss="log_loss", penalty="l2", max_iter=10000, class_weight="balanced")`` with
-  alpha chosen from {1e-4, 1e-3, 1e-2, 0.1}; selection and report by macro F1.
+- ``plip``, PLIP's (PathologyFoundation/plip ``reproducibility``): image embeddings L2-normalised in
+  float32 (``embedders/plip.py``), ``SGDClassifier(loss="log_loss", penalty="l2", max_iter=10000,
+  class_weight="balanced", random_state=1)`` (``LinearProber`` with the script's ``--seed 1``), fit on
+  the whole training set for every alpha of ``reproduce.sh`` {1e-4, 1e-3, 1e-2, 0.1} and scored on the
+  test set with the reference's ``eval_metrics`` (accuracy, macro F1 / precision / recall, MCC, for
+  test and train). Every alpha is reported, as the reference does (``ProbeResult.per_value``); its
+  papers then quote the best test score, which selects alpha on the test set. polyclip's headline
+  number (``chosen``) is the honest default instead: alpha selected by macro F1 on a held-out part of
+  the training set (or the given validation set), reported with the reference's model at that alpha.
 
 Without an explicit validation set, ``val_fraction`` of every class is held out of the training
-features (stratified, seeded). With ``refit`` the chosen model is refit on train + validation.
+features (stratified, seeded). With ``refit`` the chosen model is refit on train + validation (for
+``plip`` with a held-out split that is the reference's fit on the whole training set, in its order).
 """
 
 from __future__ import annotations
@@ -28,20 +35,29 @@ from polyclip.eval.metrics import ClassificationMetrics, classification_metrics,
 PROTOCOLS = ("logreg", "plip")
 
 
+PLIP_SEED = 1  # linear_probing_evaluation.py --seed default (LinearProber's own default, 7, is overridden)
+
+
 @dataclass
 class ProbeConfig:
     protocol: str = "logreg"  # "logreg" (CLIP paper) or "plip" (PLIP)
     val_fraction: float = (
         0.2  # share of each class held out for model selection when no validation set is given
     )
-    seed: int = 0  # split and SGD seed (PLIP's LinearProber uses 7)
+    seed: int | None = None  # split and SGD seed; None = the protocol's (logreg 0, plip 1)
     c_grid: tuple[float, ...] = tuple(10.0**e for e in range(-6, 7, 2))  # coarse logistic-regression sweep
     refine_rounds: int = 3  # narrowing rounds around the best C: steps of 1, 0.5, 0.25 decades
     max_iter: int = 1000  # L-BFGS iterations (CLIP paper)
-    plip_alphas: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1)
+    plip_alphas: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.1)  # reproduce.sh
     plip_max_iter: int = 10000
-    normalize: bool = False  # L2-normalise features first; the CLIP paper probes raw features
+    normalize: bool | None = None  # L2-normalise first; None = the protocol's (CLIP paper: raw, PLIP: yes)
     refit: bool = True  # refit the chosen model on train + validation
+
+    def resolved_seed(self) -> int:
+        return self.seed if self.seed is not None else (PLIP_SEED if self.protocol == "plip" else 0)
+
+    def resolved_normalize(self) -> bool:
+        return self.normalize if self.normalize is not None else self.protocol == "plip"
 
 
 @dataclass
@@ -52,9 +68,28 @@ class ProbeResult:
     search: list[tuple[float, float]] = field(default_factory=list)  # (value, validation score)
     selection_metric: str = "accuracy"
     converged: bool = True  # False when scikit-learn warned that a fit did not converge
+    # plip: alpha -> {"test": metrics, "train": metrics}, every alpha fit on all training features
+    per_value: dict[float, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
-        return {**self.metrics.summary(), f"chosen_{self.hyperparameter}": self.chosen}
+        scalars = {**self.metrics.summary(), f"chosen_{self.hyperparameter}": self.chosen}
+        for value, splits in self.per_value.items():
+            for name, metric in splits["test"].items():
+                scalars[f"{self.hyperparameter}={value:g}_test_{name}"] = metric
+        return scalars
+
+
+def reference_metrics(true: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """PLIP's ``eval_metrics(..., average_method="macro")``: the scikit-learn scores it reports."""
+    from sklearn import metrics
+
+    return {
+        "accuracy": float(metrics.accuracy_score(true, predicted)),
+        "macro_f1": float(metrics.f1_score(true, predicted, average="macro")),  # the reference's "WF1" key
+        "macro_precision": float(metrics.precision_score(true, predicted, average="macro", zero_division=0)),
+        "macro_recall": float(metrics.recall_score(true, predicted, average="macro", zero_division=0)),
+        "mcc": float(metrics.matthews_corrcoef(true, predicted)),
+    }
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,11 +107,11 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 def _prepare(features, normalize: bool) -> np.ndarray:
-    array = to_numpy(features).astype(np.float32 if not normalize else np.float64, copy=False)
+    array = to_numpy(features).astype(np.float32, copy=False)
     if array.ndim != 2:
         raise EvalError(f"probe features must be (N, D), got shape {array.shape}")
-    if normalize:
-        array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+    if normalize:  # in float32, as PLIP's embedder does (its features reach scikit-learn so)
+        array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), np.float32(1e-12))
     return array
 
 
@@ -90,7 +125,7 @@ def _make_classifier(config: ProbeConfig, value: float):
             alpha=value,
             max_iter=config.plip_max_iter,
             class_weight="balanced",
-            random_state=config.seed,
+            random_state=config.resolved_seed(),
         )
     from sklearn.linear_model import LogisticRegression
 
@@ -121,16 +156,19 @@ def linear_probe(
     config = config or ProbeConfig()
     if config.protocol not in PROTOCOLS:
         raise EvalError(f"unknown probe protocol {config.protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    train_x, test_x = _prepare(train_features, config.normalize), _prepare(test_features, config.normalize)
+    normalize = config.resolved_normalize()
+    train_x, test_x = _prepare(train_features, normalize), _prepare(test_features, normalize)
     train_y, test_y = to_numpy(train_labels).astype(np.int64), to_numpy(test_labels).astype(np.int64)
     if train_x.shape[0] != train_y.shape[0] or test_x.shape[0] != test_y.shape[0]:
         raise EvalError("probe features and labels differ in length")
-    if val_features is None:
-        fit_index, val_index = stratified_split(train_y, config.val_fraction, config.seed)
+    all_train_x, all_train_y = train_x, train_y  # in the caller's order: SGD's shuffling depends on it
+    held_out = val_features is None
+    if held_out:
+        fit_index, val_index = stratified_split(train_y, config.val_fraction, config.resolved_seed())
         val_x, val_y = train_x[val_index], train_y[val_index]
         train_x, train_y = train_x[fit_index], train_y[fit_index]
     else:
-        val_x, val_y = _prepare(val_features, config.normalize), to_numpy(val_labels).astype(np.int64)
+        val_x, val_y = _prepare(val_features, normalize), to_numpy(val_labels).astype(np.int64)
     if np.unique(train_y).size < 2:
         raise EvalError("a linear probe needs training features from at least two classes")
     if val_y.size == 0:
@@ -162,9 +200,24 @@ def linear_probe(
             best = max(around, key=lambda v: (evaluate(v), -abs(math.log10(v / best))))
             step /= 2
 
-    if config.refit:
+    per_value: dict[float, dict[str, dict[str, float]]] = {}
+    reference_fits: dict[float, object] = {}
+    if config.protocol == "plip":  # the reference: every alpha fit on the whole training set
+        for alpha in config.plip_alphas:
+            reference_fits[alpha] = fit(all_train_x, all_train_y, alpha)
+            per_value[float(alpha)] = {
+                "test": reference_metrics(test_y, reference_fits[alpha].predict(test_x)),
+                "train": reference_metrics(all_train_y, reference_fits[alpha].predict(all_train_x)),
+            }
+
+    if config.refit and held_out:
+        train_x, train_y = all_train_x, all_train_y
+    elif config.refit:
         train_x, train_y = np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y])
-    classifier = fit(train_x, train_y, best)
+    if best in reference_fits and train_x is all_train_x:
+        classifier = reference_fits[best]
+    else:
+        classifier = fit(train_x, train_y, best)
     decision = classifier.decision_function(test_x)  # (N, classes seen) or (N,) for two classes
     ranked = None
     if decision.ndim == 2:
@@ -178,4 +231,5 @@ def linear_probe(
         search=sorted(scores.items()),
         selection_metric="macro_f1" if config.protocol == "plip" else "accuracy",
         converged=converged,
+        per_value=per_value,
     )

@@ -31,6 +31,7 @@ from polyclip.eval.few_shot import (
 from polyclip.eval.hierarchy import MODES, Hierarchy, accuracy_per_rank
 from polyclip.eval.metrics import ClassificationMetrics, classification_metrics
 from polyclip.eval.probe import ProbeConfig, linear_probe
+from polyclip.eval.protocols import zero_shot_protocol
 from polyclip.eval.report import EvalReport, ModelResult
 from polyclip.eval.retrieval import RetrievalConfig, evaluate_retrieval
 from polyclip.eval.templates import load_templates
@@ -133,6 +134,24 @@ class ZeroShotConfig:
     underscores_to_spaces: bool = True  # folder names like "golden_retriever" read as "golden retriever"
     top_ks: tuple[int, ...] = (1, 5)
     chunk_size: int | None = None  # images scored at once; None = blocks of about 2**26 scores
+    strip_names: bool = False  # strip spaces around class names (pybioclip)
+    normalize_text: bool = True  # False: one template, raw text embeddings as weights (FashionCLIP)
+    protocol: str = ""  # the reference protocol these settings reproduce, if any (``eval.protocols``)
+
+    @classmethod
+    def for_protocol(cls, name: str, **overrides) -> ZeroShotConfig:
+        """The settings of a system's own zero-shot code (``polyclip.eval.protocols``)."""
+        preset = zero_shot_protocol(name)
+        settings = {
+            "templates": preset.templates,
+            "top_ks": preset.top_ks,
+            "underscores_to_spaces": preset.underscores_to_spaces,
+            "strip_names": preset.strip_names,
+            "normalize_text": preset.normalize_text,
+            "protocol": name,
+        }
+        settings.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**settings)
 
 
 def run_zero_shot(
@@ -141,10 +160,17 @@ def run_zero_shot(
     config, run = config or ZeroShotConfig(), run or RunConfig()
     templates = load_templates(config.templates)
     prompt_names = _prompt_names(data.class_names, config.underscores_to_spaces)
+    if config.strip_names:
+        prompt_names = [name.strip() for name in prompt_names]
+    if not config.normalize_text and len(templates) != 1:
+        raise EvalError("raw (unnormalised) text weights take exactly one template; ensembling normalises")
     results, notes = [], []
     for features in _features(models, run):
         encoded = features.images(data.images)
-        weights = features.class_weights(prompt_names, templates)  # (C, E)
+        if config.normalize_text:
+            weights = features.class_weights(prompt_names, templates)  # (C, E) normalised, ensembled
+        else:  # FashionCLIP: the normalised image against each label's raw text embedding
+            weights = features.texts([templates[0].format(name) for name in prompt_names])  # (C, E)
         _, ranked = top_k_classes(encoded.features, weights, max(config.top_ks), config.chunk_size)
         metrics = classification_metrics(
             data.labels[encoded.indices],
@@ -230,14 +256,26 @@ def run_linear_probe(
         probe = linear_probe(
             train_x, train_y, test_x, test_y, len(train.class_names), config, val_x, val_y, train.class_names
         )
-        result = _classification_result(
-            features.name, probe.metrics, {f"chosen_{probe.hyperparameter}": probe.chosen}
-        )
+        summary = probe.summary()
+        extra = {key: value for key, value in summary.items() if key not in probe.metrics.summary()}
+        result = _classification_result(features.name, probe.metrics, extra)
         result.details["search"] = probe.search
+        if probe.per_value:
+            result.details["per_alpha"] = {str(value): splits for value, splits in probe.per_value.items()}
         results.append(result)
         if not probe.converged:
             notes.append(f"{features.name}: scikit-learn reported a fit that did not converge")
-    return EvalReport(f"linear probe ({config.protocol})", test.name, asdict(config), results, notes)
+    if config.protocol == "plip":
+        selected_on = (
+            "the validation set" if val is not None else f"a held-out {config.val_fraction:.0%} of train"
+        )
+        notes.append(
+            f"headline metrics and chosen_alpha: alpha selected by macro F1 on {selected_on} (polyclip's "
+            "default); alpha=..._test_* rows: the reference protocol, every alpha fit on all training "
+            "features and scored on test (choosing the best of those selects alpha on the test set)"
+        )
+    config_dict = {**asdict(config), "seed": config.resolved_seed(), "normalize": config.resolved_normalize()}
+    return EvalReport(f"linear probe ({config.protocol})", test.name, config_dict, results, notes)
 
 
 # ----------------------------------------------------------------------------- few-shot

@@ -9,6 +9,10 @@ CLIP image features, GloVe + LSTM question encoder, bilinear attention network, 
     dataset = MedVQADataset(records, "data_RAD/images", vqa.dictionary, vqa.answers, vqa.preprocess)
     train(vqa, dataset, config=TrainConfig())
     vqa.answer("image.jpg", "is there a fracture?")  # -> ("yes", 0.93)
+
+The reference's own files: ``MedVQA.from_reference(checkpoint, "data_RAD")`` loads a model saved by
+``MEVF_PubMedCLIP``'s trainer with its data folder (``reference.py``); ``qcr.QCR.from_reference`` the
+paper's other model, QCR (question-type routing to closed and open branches).
 """
 
 from polyclip.domains.medvqa.answers import AnswerVocabulary, normalize_answer

@@ -6,8 +6,10 @@ and an answer given to both kinds of question has two entries (the reference app
 open one). The target of a question is 1.0 on its answer's entry and 0 elsewhere; an answer absent
 from the vocabulary gives an all-zero target (the question can only be scored wrong).
 
-The reference builds the vocabulary from train and test together; here it comes from the training
-records only (``AnswerVocabulary.build`` takes any records, so the reference's choice stays possible).
+The reference builds the vocabulary from train and test together (the paper's protocol: a test answer
+never seen in training still has an output); polyclip's default is the training records only, and
+``build(train + test)`` is the reference's choice (``medvqa train --answers trainval``). A published
+``trainval_ans2label.pkl`` is read with ``from_ans2label``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,24 @@ class AnswerVocabulary:
         for record in records:
             seen[record.answer_type][normalize_answer(record.answer)] = None
         return cls([(answer, kind) for kind in ANSWER_TYPES for answer in seen[kind]])
+
+    @classmethod
+    def from_ans2label(cls, ans2label: dict[str, int], records: Iterable = ()) -> AnswerVocabulary:
+        """The reference's ``{answer: label}``, in label order. A key ending in "#" is an open answer that is
+        also a closed one; any other key is closed when some record gives it to a closed question, or,
+        without records, when it precedes the first "#" key (closed answers come first)."""
+        closed = {normalize_answer(r.answer) for r in records if r.answer_type == "CLOSED"}
+        ordered = sorted(ans2label.items(), key=lambda item: item[1])
+        first_hash = next((label for key, label in ordered if key.endswith("#")), len(ordered))
+        entries = []
+        for key, label in ordered:
+            if key.endswith("#"):
+                entries.append((key[:-1], "OPEN"))
+            elif closed:
+                entries.append((key, "CLOSED" if normalize_answer(key) in closed else "OPEN"))
+            else:
+                entries.append((key, "CLOSED" if label < first_hash else "OPEN"))
+        return cls(entries)
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -43,7 +43,7 @@ class MedVQAConfig:
     # DualEncoderConfig.to_dict() of the CLIP model whose image tower is used (rebuilds it on load)
     clip: dict[str, Any] = field(default_factory=dict)
     word_dim: int = 300  # GloVe 6B 300-d
-    tfidf_embedding: bool = False  # the reference runs' "c" op: a second, tf-idf smoothed embedding (600-d)
+    tfidf_embedding: bool = True  # main.py's default --op c: a second, tf-idf smoothed embedding (600-d)
     rnn: str = "lstm"  # MEVF's --rnn default; "gru" as in ban-vqa
     hidden_dim: int = 1024  # --num_hid: RNN state, BAN hidden and joint size
     glimpses: int = 2  # --gamma

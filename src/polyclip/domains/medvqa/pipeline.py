@@ -65,6 +65,7 @@ class MedVQA:
         autoencoder_weights: str | os.PathLike | None = None,
         dictionary: QuestionDictionary | None = None,
         preprocess: str | None = None,
+        answer_records: Sequence[VQARecord] | None = None,
         **options: Any,
     ) -> MedVQA:
         """A new system for ``train_records``.
@@ -81,7 +82,11 @@ class MedVQA:
             preprocess: a preset of ``polyclip.transforms.PRESETS`` for the CLIP tower instead of the
                 checkpoint's (a local PubMedCLIP ``.pth`` file records none, so it reads as OpenAI CLIP's;
                 ``"pubmedclip"`` gives PubMedCLIP's own resize 256 / crop 224 / ImageNet statistics).
-            options: other `MedVQAConfig` fields (``hidden_dim``, ``rnn``, ``tfidf_embedding``...).
+            answer_records: the records the answer vocabulary is built from; None: ``train_records``. The
+                paper's protocol (the reference's ``trainval_ans2label.pkl``) is train + test records.
+            options: other `MedVQAConfig` fields (``hidden_dim``, ``rnn``, ``tfidf_embedding``...); the
+                reference's ``main.py`` defaults (``--op c``: the 600-d GloVe + tf-idf input) are
+                ``MedVQAConfig``'s.
         """
         if not train_records:
             raise MedVQAConfigError("no training records")
@@ -98,7 +103,7 @@ class MedVQA:
             transform = build_preprocess(PRESETS[preprocess].to_dict() | {"image_size": size})
         questions = [record.question for record in train_records]
         dictionary = dictionary or QuestionDictionary.build(questions)
-        answers = AnswerVocabulary.build(train_records)
+        answers = AnswerVocabulary.build(answer_records if answer_records is not None else train_records)
         vectors = None
         if word_vectors is not None:
             vectors = (
@@ -123,7 +128,10 @@ class MedVQA:
             tfidf = tfidf_matrix(questions, dictionary) if config.tfidf_embedding else None
             model.init_word_embeddings(vectors, tfidf)
         elif config.tfidf_embedding:
-            raise MedVQAConfigError("the tf-idf embedding is built from word vectors: pass word_vectors")
+            raise MedVQAConfigError(
+                "the tf-idf embedding (the reference's --op c) is built from word vectors: pass word_vectors, "
+                "or tfidf_embedding=False for the 300-d input"
+            )
         if autoencoder_weights is not None:
             if model.autoencoder is None:
                 raise MedVQAConfigError(
@@ -131,6 +139,84 @@ class MedVQA:
                 )
             load_autoencoder_weights(model.autoencoder, autoencoder_weights)
         return cls(model, dictionary, answers, transform)
+
+    @classmethod
+    def from_reference(
+        cls,
+        checkpoint: str | os.PathLike,
+        data_dir: str | os.PathLike,
+        clip_input_size: int | None = None,
+    ) -> MedVQA:
+        """A model saved by the reference trainer (``{"epoch", "model_state", "optimizer_state"}`` of
+        ``MEVF_PubMedCLIP``'s ``BAN_Model``, ``--clip --autoencoder``), loaded strictly, with the dictionary
+        and answers of its data folder (``reference.ReferenceData``) and the reference's own CLIP input
+        (250x250, 288 for RN50x4; ``clip_input_size`` overrides). Every key of the checkpoint is used
+        except the CLIP text tower's, which the VQA model never runs."""
+        from polyclip.domains.medvqa.data import load_records
+        from polyclip.domains.medvqa.reference import (
+            REFERENCE_CLIP_SIZE,
+            ReferenceClipPixels,
+            ReferenceData,
+            clip_tower_from_state,
+            read_reference_checkpoint,
+            reference_key_map,
+            split_clip_state,
+        )
+
+        state, _epoch = read_reference_checkpoint(checkpoint)
+        data = ReferenceData(data_dir)
+        words, ans2label = data.words(), data.ans2label()
+        clip_state, rest = split_clip_state(state)
+        clip_model = clip_tower_from_state(clip_state)
+        try:
+            embedding = rest["w_emb.emb.weight"]
+            rnn_ih, rnn_hh = rest["q_emb.rnn.weight_ih_l0"], rest["q_emb.rnn.weight_hh_l0"]
+            h_mat = rest.pop("v_att.logits.h_mat_v")
+            h_mat_g, h_bias = rest.pop("v_att.logits.h_mat_g"), rest.pop("v_att.logits.h_bias")
+            num_answers = rest["classifier.main.3.weight_v"].shape[0]
+        except KeyError as error:
+            raise MedVQAConfigError(
+                f"{checkpoint} is not a reference BAN model (no {error.args[0]}); SAN models are not read"
+            ) from None
+        hidden = rnn_hh.shape[1]
+        glimpses = h_mat.shape[1]
+        tfidf = "w_emb.emb_.weight" in rest
+        if embedding.shape[0] - 1 != len(words) or num_answers != len(ans2label):
+            raise MedVQAConfigError(
+                f"{checkpoint} has {embedding.shape[0] - 1} words and {num_answers} answers; {data_dir} has "
+                f"{len(words)} and {len(ans2label)}: it is not the data folder the model was trained on"
+            )
+        config = MedVQAConfig(
+            num_answers=num_answers, vocab_size=len(words), clip=clip_model.config.to_dict(),
+            word_dim=embedding.shape[1], tfidf_embedding=tfidf, rnn="lstm" if rnn_ih.shape[0] == 4 * hidden else "gru",
+            hidden_dim=hidden, glimpses=glimpses, attention_k=h_mat.shape[-1] // hidden,
+            question_length=12, autoencoder="convert.weight" in rest,
+        )  # fmt: skip
+        model = MedVQAModel(config, clip_visual=clip_model.visual.float())
+        mapped = {k: v for k, v in model.state_dict().items() if k.startswith("clip_visual.")}
+        missing = []
+        for ours, theirs in reference_key_map(glimpses, tfidf, config.autoencoder).items():
+            if theirs in rest:
+                mapped[ours] = rest.pop(theirs)
+            else:
+                missing.append(theirs)
+        mapped["ban.attention.projection_v"] = h_mat.reshape(glimpses, -1)  # (1, G, 1, kH) -> (G, kH)
+        mapped["ban.attention.projection_g"] = h_mat_g.reshape(())
+        mapped["ban.attention.bias"] = h_bias.reshape(glimpses)  # (1, G, 1, 1) -> (G,)
+        if missing or rest:
+            raise MedVQAConfigError(
+                f"{checkpoint} does not fit the reference BAN model: missing {missing[:5]}, "
+                f"unexpected {sorted(rest)[:5]}"
+            )
+        try:
+            model.load_state_dict(mapped, strict=True)
+        except RuntimeError as error:
+            raise MedVQAConfigError(f"{checkpoint}: {error}") from None
+        records = [record for path in data.question_files() for record in load_records(path, language=None)]
+        answers = AnswerVocabulary.from_ans2label(ans2label, records)
+        if clip_input_size is None:
+            clip_input_size = 288 if config.clip_config.vision.image_size == 288 else REFERENCE_CLIP_SIZE
+        return cls(model.eval(), QuestionDictionary(words), answers, ReferenceClipPixels(clip_input_size))
 
     # -----------------------------------------------------------------------------------------------
     # inference
@@ -224,9 +310,17 @@ class MedVQA:
             model.eval(),
             QuestionDictionary.from_json(meta["dictionary"]),
             AnswerVocabulary.from_json(meta["answers"]),
-            build_preprocess(meta["preprocess"]),
+            _preprocess_from_dict(meta["preprocess"]),
         )
         return vqa.to(device or "cpu")
+
+
+def _preprocess_from_dict(data: dict):
+    if data.get("kind") == "pubmedclip-reference":  # the reference's own CLIP input (from_reference)
+        from polyclip.domains.medvqa.reference import ReferenceClipPixels
+
+        return ReferenceClipPixels(int(data["size"]))
+    return build_preprocess(data)
 
 
 __all__ = ["MedVQA"]
