@@ -14,7 +14,14 @@ from polyclip.hub import RegistryEntry, resolve
 from polyclip.models import DualEncoder, DualEncoderConfig, create_model, get_architecture
 from polyclip.quantization import quantize_model
 from polyclip.tokenizers import MissingTokenizerError, build_tokenizer, tokenizer_from_hf_folder
-from polyclip.transforms import PRESETS, ImageTransform, PreprocessConfig, build_preprocess
+from polyclip.transforms import (
+    FAMILY_PRESETS,
+    FORMAT_CONVENTIONS,
+    PRESETS,
+    ImageTransform,
+    PreprocessConfig,
+    build_preprocess,
+)
 
 DTYPES = {
     "fp32": torch.float32,
@@ -124,14 +131,20 @@ def default_preprocess(config: DualEncoderConfig) -> dict[str, Any]:
 
 
 def _preprocess_config(entry: RegistryEntry | None, recorded: dict | None, config: DualEncoderConfig):
-    if entry is not None:
-        spec = entry.preprocess
-        return (
-            PRESETS[spec].to_dict() | {"image_size": config.vision.image_size}
-            if isinstance(spec, str)
-            else spec
-        )
-    return recorded or default_preprocess(config)
+    """The registry's preprocessing (a preset, inline fields or "recorded"), else what the files record.
+
+    The family presets and inline tables leave the order and rounding to the format: a CLIP model
+    published as a transformers folder is preprocessed as CLIPImageProcessor does, one published as an
+    open_clip folder as open_clip does (see polyclip.transforms).
+    """
+    if entry is None or entry.preprocess == "recorded":
+        return recorded or default_preprocess(config)
+    spec = entry.preprocess
+    convention = {"convention": FORMAT_CONVENTIONS.get(entry.format, "torchvision")}
+    if isinstance(spec, str):
+        fields = PRESETS[spec].to_dict() | {"image_size": config.vision.image_size}
+        return fields | convention if spec in FAMILY_PRESETS else fields
+    return convention | spec
 
 
 def _tokenizer(entry: RegistryEntry | None, recorded: dict | None, config: DualEncoderConfig, folder: Path):

@@ -73,6 +73,7 @@ def load_image(
     background: tuple[int, int, int] | None = None,
     bit_depth_scaling: str = "full_range",
     exif_orientation: bool = True,
+    convert_rgb: bool = True,
 ) -> Image.Image:
     """Decode ``source`` into an 8-bit RGB PIL image.
 
@@ -87,6 +88,9 @@ def load_image(
             min..max to 0..255 (useful for 12-bit medical scans stored in 16-bit containers). 32-bit integer
             images outside 0..65535 and float images outside 0..1 always use min-max.
         exif_orientation: apply the EXIF orientation tag so the image is seen upright.
+        convert_rgb: ``False`` keeps the decoded 8-bit mode ("L", "LA", "P", "RGBA", "CMYK"...; deeper
+            greyscale still becomes "L"), for pipelines that resize before converting to RGB, as
+            torchvision-based references do (see `polyclip.transforms`).
 
     Raises:
         ImageDecodeError: the source cannot be decoded; the message names the file and the cause.
@@ -104,6 +108,7 @@ def load_image(
             bit_depth_scaling=bit_depth_scaling,
             exif_orientation=exif_orientation,
             name="<PIL image>",
+            convert_rgb=convert_rgb,
         )
 
     name, stream = _open_source(source)
@@ -135,6 +140,7 @@ def load_image(
                 bit_depth_scaling=bit_depth_scaling,
                 exif_orientation=exif_orientation,
                 name=name,
+                convert_rgb=convert_rgb,
             )
     except ImageDecodeError:
         raise
@@ -180,10 +186,12 @@ def to_rgb(
     bit_depth_scaling: str = "full_range",
     exif_orientation: bool = True,
     name: str = "<image>",
+    convert_rgb: bool = True,
 ) -> Image.Image:
     """Convert a decoded PIL image of any mode to 8-bit RGB (see the module docstring for the rules).
 
-    An RGB image without an orientation tag is returned as it is (no copy).
+    An RGB image without an orientation tag is returned as it is (no copy). ``convert_rgb=False`` stops
+    after the orientation and the bit-depth steps: the image keeps its 8-bit mode.
     """
     if exif_orientation and _orientation(image) not in (1, None):
         image = ImageOps.exif_transpose(image)
@@ -193,9 +201,10 @@ def to_rgb(
         if mode == "RGB":
             return image
         if mode.startswith("I") or mode == "F":
-            return Image.fromarray(_deep_to_uint8(np.asarray(image), mode, bit_depth_scaling), "L").convert(
-                "RGB"
-            )
+            grey = Image.fromarray(_deep_to_uint8(np.asarray(image), mode, bit_depth_scaling), "L")
+            return grey.convert("RGB") if convert_rgb else grey
+        if not convert_rgb:
+            return image
         if background is not None and _has_transparency(image):
             rgba = image.convert("RGBA")
             canvas = Image.new("RGBA", rgba.size, (*background, 255))

@@ -1,23 +1,36 @@
 """Image preprocessing per checkpoint and training augmentations, written with Pillow, NumPy and torch.
 
-Evaluation preprocessing (`ImageTransform`) reproduces the references the checkpoints were released with:
+Evaluation preprocessing (`ImageTransform`) reproduces the pipeline each checkpoint format's own
+reference runs, to the pixel (tests/test_preprocess_golden.py compares it with the references' outputs):
 
-- ``"shortest"``: resize the short side, then centre-crop, as OpenAI CLIP (`clip/clip.py`, `_transform`) and
-  transformers' ``CLIPImageProcessor``. Sizes and crop offsets follow transformers exactly
-  (`image_transforms.get_resize_output_image_size`: long side ``int(size * long / short)``;
-  `image_transforms.center_crop`: offset ``(H - crop) // 2``). torchvision's ``CenterCrop``, used by the
-  OpenAI code, rounds the offset ``(H - crop) / 2`` half-to-even instead, which moves the crop by one pixel
-  when ``H - crop`` is 3 modulo 4.
-- ``"squash"``: resize to exactly ``image_size`` x ``image_size``, as ``SiglipImageProcessor`` and BioCLIP
-  (pybioclip `Resize((224, 224))`).
-- ``"longest"``: resize the long side and pad to a square with ``fill_color``, as open_clip's
-  ``ResizeKeepRatio(longest=1)`` + ``CenterCropOrPad`` (`open_clip/transform.py`).
-- ``crop_pct < 1``: the short side (or both sides when squashing) is first resized to
-  ``floor(image_size / crop_pct)``, as timm and PubMedCLIP's test transform
-  (``Resize(int(size / 0.875))`` + ``CenterCrop(size)``).
+Geometry (``resize_mode``):
 
-Resizing is Pillow's on 8-bit RGB (antialiased, like the references); rescaling to 0..1 and normalising
-are done in torch in float32.
+- ``"shortest"``: resize the short side to ``floor(image_size / crop_pct)`` (the long side truncated:
+  ``int(size * long / short)``, as torchvision's ``Resize(int)`` and transformers'
+  ``get_resize_output_image_size`` both do), then centre-crop ``image_size``.
+- ``"squash"``: resize to exactly ``image_size`` x ``image_size`` (``SiglipImageProcessor``, open_clip's
+  ``resize_mode="squash"``, pybioclip's ``Resize((224, 224))``).
+- ``"longest"``: resize the long side (sizes rounded with ``round()``) and pad to a square with
+  ``fill_color``, as open_clip's ``ResizeKeepRatio(longest=1)`` + ``CenterCropOrPad``.
+
+Order of operations and rounding (``convention``), which differ between the references:
+
+- ``"torchvision"``: OpenAI CLIP (`clip/clip.py` ``_transform``), open_clip (`transform.py`
+  ``image_transform``) and every pipeline built from torchvision's PIL transforms. Pillow resizes the image
+  in its decoded mode (a palette image with nearest neighbour, as Pillow does for "P"; images with alpha
+  premultiplied), the crop offset is torchvision's ``int(round((H - crop) / 2))`` (half to even), and the
+  conversion to RGB comes after the crop, dropping transparency (``Image.convert("RGB")``).
+- ``"transformers"``: ``CLIPImageProcessor`` / ``SiglipImageProcessor``: RGB first, transparent pixels
+  composited over white (``image_transforms.convert_to_rgb``), then the resize, and a floored crop offset
+  ``(H - crop) // 2``. Pillow's resize here equals the ``...Pil`` processors exactly and the default
+  torchvision-backend processors within one grey level.
+- ``"tensor"``: pybioclip (`src/bioclip/predict.py`): ``convert("RGB")``, ``ToTensor()``, then
+  ``Resize(antialias=True)`` of the float tensor, i.e. torch's antialiased interpolation in float without
+  rounding back to 8 bits. Only ``bilinear``, ``bicubic`` and ``nearest`` exist there.
+
+Deliberate differences from every reference: an EXIF orientation tag is applied, and greyscale deeper than
+8 bits is scaled into 0..255 where Pillow's ``convert`` clips it (see `polyclip.images`).
+Rescaling to 0..1 and normalising are done in torch in float32.
 
 Training augmentations follow torchvision's algorithms (``RandomResizedCrop``'s ten attempts and
 centre-crop fallback, ``ColorJitter``'s random order of the four adjustments) and draw every random
@@ -42,6 +55,9 @@ from polyclip.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_rgb
 __all__ = [
     "BIOCLIP_PREPROCESS",
     "CLIP_MEAN",
+    "CONVENTIONS",
+    "FAMILY_PRESETS",
+    "FORMAT_CONVENTIONS",
     "CLIP_PREPROCESS",
     "CLIP_STD",
     "IMAGENET_MEAN",
@@ -51,7 +67,9 @@ __all__ = [
     "PRESETS",
     "PUBMEDCLIP_PREPROCESS",
     "RESIZE_MODES",
+    "SIGLIP_MEAN",
     "SIGLIP_PREPROCESS",
+    "SIGLIP_STD",
     "ColorJitter",
     "Compose",
     "ImageTransform",
@@ -78,6 +96,13 @@ SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
 RESIZE_MODES = ("shortest", "squash", "longest")
+# Order of RGB conversion and resize, crop rounding, resize arithmetic (see the module docstring)
+CONVENTIONS = ("torchvision", "transformers", "tensor")
+# The convention of each checkpoint format's reference loader (OpenAI files: clip.load; open_clip
+# folders: open_clip; transformers and Flax folders: their image processors)
+FORMAT_CONVENTIONS = {"openai": "torchvision", "open_clip": "torchvision", "hf": "transformers",
+                      "flax": "transformers"}  # fmt: skip
+_TENSOR_MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest"}
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -105,6 +130,7 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     fill_color: int = 0  # grey level of the padding in "longest" mode
+    convention: str = "torchvision"  # one of CONVENTIONS: whose order and rounding (module docstring)
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
@@ -116,6 +142,15 @@ class PreprocessConfig:
         if self.interpolation not in INTERPOLATIONS:
             raise PreprocessConfigError(
                 f"interpolation must be one of {', '.join(INTERPOLATIONS)}; got {self.interpolation!r}"
+            )
+        if self.convention not in CONVENTIONS:
+            raise PreprocessConfigError(
+                f"convention must be one of {', '.join(CONVENTIONS)}; got {self.convention!r}"
+            )
+        if self.convention == "tensor" and self.interpolation not in _TENSOR_MODES:
+            raise PreprocessConfigError(
+                f"convention 'tensor' resizes with torch, which has {', '.join(_TENSOR_MODES)}; "
+                f"got {self.interpolation!r}"
             )
         if not isinstance(self.crop_pct, int | float) or not 0.0 < self.crop_pct <= 1.0:
             raise PreprocessConfigError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
@@ -174,8 +209,12 @@ class PreprocessConfig:
 
 
 CLIP_PREPROCESS = PreprocessConfig()
-SIGLIP_PREPROCESS = PreprocessConfig(resize_mode="squash", mean=SIGLIP_MEAN, std=SIGLIP_STD)
-BIOCLIP_PREPROCESS = PreprocessConfig(resize_mode="squash")
+# SigLIP's transformers processor; open_clip's SigLIP folders record their own preprocess_cfg
+SIGLIP_PREPROCESS = PreprocessConfig(
+    resize_mode="squash", mean=SIGLIP_MEAN, std=SIGLIP_STD, convention="transformers"
+)
+# pybioclip's preprocess_img: ToTensor(), Resize((224, 224), antialias=True) (bilinear), OpenAI statistics
+BIOCLIP_PREPROCESS = PreprocessConfig(resize_mode="squash", interpolation="bilinear", convention="tensor")
 # PubMedCLIP's test transform (lib/data_transform/transform_wrapper.py) is torchvision's
 # Resize(int(224 / 0.875)) with its default bilinear filter, CenterCrop(224) and ImageNet statistics.
 PUBMEDCLIP_PREPROCESS = PreprocessConfig(
@@ -184,6 +223,9 @@ PUBMEDCLIP_PREPROCESS = PreprocessConfig(
 IMAGENET_PREPROCESS = PreprocessConfig(
     interpolation="bilinear", crop_pct=0.875, mean=IMAGENET_MEAN, std=IMAGENET_STD
 )
+# Presets that name a model family's statistics and geometry, not one reference's code: loading a
+# registry entry with one of them takes the convention of the entry's format (FORMAT_CONVENTIONS).
+FAMILY_PRESETS = ("clip", "siglip")
 PRESETS: dict[str, PreprocessConfig] = {
     "clip": CLIP_PREPROCESS,
     "siglip": SIGLIP_PREPROCESS,
@@ -206,6 +248,10 @@ class ToNormalizedTensor:
             image = to_rgb(image)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3)
         tensor = pixels.permute(2, 0, 1).to(torch.float32).div_(255.0)  # (3, H, W)
+        return self.normalize(tensor)
+
+    def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) float in 0..1 -> (x - mean) / std, in place."""
         return tensor.sub_(self.mean).div_(self.std)
 
     def __repr__(self) -> str:
@@ -226,7 +272,9 @@ class ImageTransform:
         if not isinstance(self._config, PreprocessConfig):
             raise PreprocessConfigError(f"config must be a PreprocessConfig, got {type(config).__name__}")
         self.max_pixels = max_pixels  # decompression-bomb limit for encoded input (see load_image)
-        self.background = background  # None drops alpha, as OpenAI CLIP; a colour composites over it
+        # None: the convention's own handling of transparency (dropped; over white for "transformers");
+        # a colour composites transparent pixels over it in every convention
+        self.background = background
         self.to_tensor = ToNormalizedTensor(self._config.mean, self._config.std)
 
     @property
@@ -238,6 +286,8 @@ class ImageTransform:
         return self._config.image_size
 
     def __call__(self, image: ImageSource) -> torch.Tensor:
+        if self._config.convention == "tensor":
+            return self.to_tensor.normalize(self._resize_tensor(self._rgb(self._decode(image))))
         return self.to_tensor(self.resize_and_crop(image))  # (3, S, S)
 
     def batch(self, images: Iterable[ImageSource]) -> torch.Tensor:
@@ -249,26 +299,88 @@ class ImageTransform:
         return torch.stack(tensors)
 
     def resize_and_crop(self, image: ImageSource) -> Image.Image:
-        """The geometric part alone: decoded, resized and cropped (or padded) RGB image of S x S pixels."""
-        image = load_image(image, max_pixels=self.max_pixels, background=self.background)
+        """The geometric part alone: decoded, resized and cropped (or padded) RGB image of S x S pixels.
+
+        For the "tensor" convention, whose resize is in float, this is that result rounded to 8 bits.
+        """
         config = self._config
+        image = self._decode(image)
+        if config.convention == "tensor":
+            pixels = self._resize_tensor(self._rgb(image)).mul(255).round_().clamp_(0, 255)
+            return Image.fromarray(pixels.to(torch.uint8).permute(1, 2, 0).numpy(), "RGB")
+        if config.convention == "transformers":
+            image = self._rgb(image)  # RGB first, then the resize (torchvision: the other way round)
+        elif image.mode not in _RESIZABLE_MODES:
+            image = self._rgb(image)  # modes Pillow cannot resize ("1" is resized by nearest, as Pillow)
         resample = INTERPOLATIONS[config.interpolation]
-        target = config.resize_size
-        if config.resize_mode == "shortest":
-            image = image.resize(_shortest_edge_size(image.size, target), resample=resample)
-        elif config.resize_mode == "squash":
-            image = image.resize((target, target), resample=resample)
+        size = config.image_size
+        if config.resize_mode == "longest":
+            image = _resize_longest_and_pad(image, size, resample, config.fill_color)
         else:
-            return _resize_longest_and_pad(image, config.image_size, resample, config.fill_color)
-        return _center_crop(image, config.image_size)
+            target = config.resize_size
+            new_size = (
+                (target, target)
+                if config.resize_mode == "squash"
+                else _shortest_edge_size(image.size, target)
+            )
+            image = image.resize(new_size, resample=resample)
+            left, top = _crop_offsets(image.size, size, config.convention)
+            image = image.crop((left, top, left + size, top + size))
+        return self._rgb(image)
+
+    def _decode(self, image: ImageSource) -> Image.Image:
+        """Decoded, upright, 8 bits per channel, in the image's own mode."""
+        return load_image(image, max_pixels=self.max_pixels, convert_rgb=False)
+
+    def _rgb(self, image: Image.Image) -> Image.Image:
+        background = self.background
+        if background is None and self._config.convention == "transformers":
+            background = (255, 255, 255)
+        return to_rgb(image, background=background, exif_orientation=False)
+
+    def _resize_tensor(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> (3, S, S) float in 0..1, resized as torchvision resizes a float tensor."""
+        config = self._config
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W)
+        tensor = pixels.to(torch.float32).div_(255.0).unsqueeze(0)  # (1, 3, H, W), as ToTensor()
+        mode = _TENSOR_MODES[config.interpolation]
+        target = config.resize_size
+        size = config.image_size
+        if config.resize_mode == "longest":
+            width, height = image.size
+            ratio = max(width, height) / size
+            new_width, new_height = max(1, round(width / ratio)), max(1, round(height / ratio))
+        elif config.resize_mode == "squash":
+            new_width = new_height = target
+        else:
+            new_width, new_height = _shortest_edge_size(image.size, target)
+        antialias = {"antialias": True} if mode != "nearest" else {}
+        align = {"align_corners": False} if mode != "nearest" else {}
+        tensor = torch.nn.functional.interpolate(
+            tensor, size=(new_height, new_width), mode=mode, **antialias, **align
+        )
+        tensor = tensor[0]  # (3, h, w)
+        if config.resize_mode == "longest":
+            canvas = torch.full((3, size, size), config.fill_color / 255.0)
+            top, left = (size - new_height) // 2, (size - new_width) // 2
+            canvas[:, top : top + new_height, left : left + new_width] = tensor
+            return canvas
+        left, top = _crop_offsets((new_width, new_height), size, "torchvision")
+        return tensor[:, top : top + size, left : left + size].contiguous()
 
     def __repr__(self) -> str:
         c = self._config
         return (
             f"ImageTransform(image_size={c.image_size}, resize_mode={c.resize_mode!r}, "
             f"interpolation={c.interpolation!r}, crop_pct={c.crop_pct}, mean={c.mean}, std={c.std}, "
-            f"fill_color={c.fill_color})"
+            f"fill_color={c.fill_color}, convention={c.convention!r})"
         )
+
+
+# Modes Pillow resizes with every filter (others are converted to RGB first)
+_RESIZABLE_MODES = frozenset(
+    {"L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "1"}
+)
 
 
 def build_preprocess(config_or_name: PreprocessConfig | dict[str, Any] | str) -> ImageTransform:
@@ -290,29 +402,42 @@ def build_preprocess(config_or_name: PreprocessConfig | dict[str, Any] | str) ->
 
 
 def _shortest_edge_size(size: tuple[int, int], target: int) -> tuple[int, int]:
-    """(width, height) with the short side at ``target`` and the long side truncated, as transformers."""
+    """(width, height) with the short side at ``target`` and the long side truncated (torchvision and
+    transformers alike)."""
     width, height = size
     if width <= height:
         return target, int(target * height / width)
     return int(target * width / height), target
 
 
-def _center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Centre crop with transformers' floor rounding of the offsets (both sides are >= size here)."""
-    width, height = image.size
-    top, left = (height - size) // 2, (width - size) // 2
-    return image.crop((left, top, left + size, top + size))
+def _crop_offsets(size: tuple[int, int], crop: int, convention: str) -> tuple[int, int]:
+    """(left, top) of a centred ``crop`` x ``crop`` box in a (width, height) image (both sides >= crop).
+
+    torchvision's ``center_crop`` rounds ``(H - crop) / 2`` half to even (``int(round(...))``), which is one
+    pixel more than transformers' ``(H - crop) // 2`` when ``H - crop`` is 3 modulo 4 (a 640 x 427 photo
+    resized to 335 x 224 is cropped from x = 56 by OpenAI CLIP and open_clip, from x = 55 by transformers).
+    """
+    width, height = size
+    if convention == "transformers":
+        return (width - crop) // 2, (height - crop) // 2
+    return int(round((width - crop) / 2.0)), int(round((height - crop) / 2.0))
 
 
 def _resize_longest_and_pad(
     image: Image.Image, size: int, resample: Image.Resampling, fill_color: int
 ) -> Image.Image:
-    """Long side to ``size`` (open_clip rounds with round()), pasted centred on a ``fill_color`` square."""
+    """Long side to ``size`` (open_clip rounds with round()), pasted centred on a ``fill_color`` square of
+    the image's own mode (torchvision pads before the conversion to RGB)."""
     width, height = image.size
     ratio = max(width, height) / size
     new_width, new_height = max(1, round(width / ratio)), max(1, round(height / ratio))
     resized = image.resize((new_width, new_height), resample=resample)
-    canvas = Image.new("RGB", (size, size), (fill_color,) * 3)
+    bands = len(resized.getbands())
+    canvas = Image.new(resized.mode, (size, size), fill_color if bands == 1 else (fill_color,) * bands)
+    if resized.mode == "P":
+        canvas.putpalette(resized.getpalette())
+        if "transparency" in resized.info:
+            canvas.info["transparency"] = resized.info["transparency"]
     canvas.paste(resized, ((size - new_width) // 2, (size - new_height) // 2))
     return canvas
 

@@ -275,7 +275,8 @@ def preprocess_from_hf(folder: Path, model_type: str, image_size: int) -> dict[s
         size = data.get("size", {}).get("height", image_size)
         mean, std = data.get("image_mean", [0.5] * 3), data.get("image_std", [0.5] * 3)
         return dict(
-            image_size=size, resize_mode="squash", interpolation=resample, mean=tuple(mean), std=tuple(std)
+            image_size=size, resize_mode="squash", interpolation=resample, mean=tuple(mean), std=tuple(std),
+            convention="transformers",
         )
     size = data.get("crop_size", {})
     size = size.get("height", image_size) if isinstance(size, dict) else size
@@ -290,6 +291,7 @@ def preprocess_from_hf(folder: Path, model_type: str, image_size: int) -> dict[s
         crop_pct=size / shortest if shortest else 1.0,
         mean=tuple(mean),
         std=tuple(std),
+        convention="transformers",  # RGB first (transparency over white), floored crop offsets
     )
 
 

@@ -389,6 +389,7 @@ def preprocess_from_open_clip(preprocess_cfg: dict[str, Any], image_size: int) -
         mean=tuple(preprocess_cfg.get("mean", OPENAI_MEAN)),
         std=tuple(preprocess_cfg.get("std", OPENAI_STD)),
         fill_color=int(preprocess_cfg.get("fill_color", 0)),
+        convention="torchvision",  # open_clip's transforms are torchvision's on PIL images
     )
 
 
