@@ -10,10 +10,16 @@ import torch
 
 from polyclip.checkpoints import CheckpointError, build_model, read_checkpoint
 from polyclip.checkpoints.native import write_native
-from polyclip.hub import RegistryEntry, resolve
-from polyclip.models import DualEncoder, DualEncoderConfig, create_model, get_architecture
+from polyclip.checkpoints.open_clip import HUB_FILE_PREFIX
+from polyclip.hub import ModelNotFoundError, RegistryEntry, hub_file, resolve
+from polyclip.models import CLIP_VOCAB_SIZE, DualEncoder, DualEncoderConfig, create_model, get_architecture
 from polyclip.quantization import quantize_model
-from polyclip.tokenizers import MissingTokenizerError, build_tokenizer, tokenizer_from_hf_folder
+from polyclip.tokenizers import (
+    MissingTokenizerError,
+    UnavailableTokenizer,
+    build_tokenizer,
+    tokenizer_from_hf_folder,
+)
 from polyclip.transforms import (
     FAMILY_PRESETS,
     FORMAT_CONVENTIONS,
@@ -148,19 +154,37 @@ def _preprocess_config(entry: RegistryEntry | None, recorded: dict | None, confi
 
 
 def _tokenizer(entry: RegistryEntry | None, recorded: dict | None, config: DualEncoderConfig, folder: Path):
+    """The checkpoint's tokenizer; an `UnavailableTokenizer` (with a warning) when its files cannot be had,
+    so that the image tower is usable anyway."""
     spec = dict(entry.tokenizer) if entry is not None else recorded
     if spec is None or spec.get("type") == "folder":
         context = (spec or {}).get("context_length") or config.text.context_length
         try:
             return tokenizer_from_hf_folder(folder, context_length=context)
         except MissingTokenizerError:
-            if config.text.vocab_size != 49408:
-                raise CheckpointError(
+            if config.text.vocab_size != CLIP_VOCAB_SIZE:
+                return _unavailable(
                     f"{folder} holds no tokenizer files and its vocabulary ({config.text.vocab_size} tokens) is "
                     "not CLIP's: put the model's tokenizer files (e.g. spiece.model) in the folder"
-                ) from None
+                )
             spec = {"type": "clip", "context_length": context}
+    spiece = str(spec.get("spiece_model", ""))
+    if spiece.startswith(HUB_FILE_PREFIX):
+        # an open_clip folder naming its tokenizer's hub repo (hf_tokenizer_name) without the files
+        repo_id, _, filename = spiece.removeprefix(HUB_FILE_PREFIX).rpartition("/")
+        try:
+            spec = {**spec, "spiece_model": str(hub_file(repo_id, filename))}
+        except ModelNotFoundError as error:
+            return _unavailable(f"the tokenizer of {folder} cannot be built: {error}")
     return build_tokenizer(spec, model_dir=folder)
+
+
+def _unavailable(message: str) -> UnavailableTokenizer:
+    warnings.warn(
+        f"{message}\nThe image tower is loaded; encoding text raises until the tokenizer is there.",
+        stacklevel=4,
+    )
+    return UnavailableTokenizer(message)
 
 
 def _check_architecture(entry: RegistryEntry, config: DualEncoderConfig) -> None:

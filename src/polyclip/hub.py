@@ -154,6 +154,36 @@ def download(repo_id: str, format: str = "hf", name: str | None = None) -> Path:
     )
 
 
+def hub_file(repo_id: str, filename: str) -> Path:
+    """One file of a hub repo: from huggingface_hub's cache, downloaded when a network exists.
+
+    Offline (``HF_HUB_OFFLINE=1`` or the hub unreachable) a file that is not cached raises
+    ModelNotFoundError saying what to download.
+    """
+    from huggingface_hub import hf_hub_download
+
+    cache_dir = os.environ.get("HF_HUB_CACHE") or None
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True, cache_dir=cache_dir))
+    except Exception:
+        pass
+    online_error = None
+    if not _offline():
+        try:
+            return Path(hf_hub_download(repo_id, filename, cache_dir=cache_dir))
+        except Exception as error:
+            online_error = error
+    reason = (
+        f" ({type(online_error).__name__}: {str(online_error).splitlines()[0][:200]})" if online_error else ""
+    )
+    raise ModelNotFoundError(
+        f"{filename} of {repo_id} is not in the local Hugging Face cache and the hub cannot be reached{reason}.\n"
+        f"Download it where a network exists:  hf download {repo_id} {filename}\n"
+        "then copy the cache folder (~/.cache/huggingface/hub, or $HF_HOME/hub) to this machine, "
+        "or put the file in the checkpoint folder."
+    )
+
+
 def resolve(name_or_path: str | os.PathLike) -> tuple[Path, RegistryEntry | None, str | None]:
     """(local path, registry entry or None, format or None) for a registry name, hub id or path."""
     text = str(name_or_path)

@@ -38,6 +38,7 @@ __all__ = [
     "MissingTokenizerError",
     "SiglipTokenizer",
     "TokenizerError",
+    "UnavailableTokenizer",
     "build_tokenizer",
     "canonicalize_siglip_text",
     "clean_clip_text",
@@ -482,9 +483,12 @@ class SiglipTokenizer:
         """Write transformers' SiglipTokenizer files (spiece.model, tokenizer_config.json)."""
         directory = Path(directory)
         self.save(directory)
+        # SigLIP is trained and evaluated without an attention mask (big_vision; polyclip too): listing only
+        # input_ids makes transformers' tokenizer and processor return none, so SiglipModel(**inputs)
+        # attends to the padding as the model was trained to.
         config = {"tokenizer_class": "SiglipTokenizer", "model_max_length": self._context_length,
                   "do_lower_case": self.config.get("do_lower_case", True), "eos_token": "</s>",
-                  "pad_token": "</s>", "unk_token": "<unk>"}
+                  "pad_token": "</s>", "unk_token": "<unk>", "model_input_names": ["input_ids"]}
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
@@ -545,6 +549,29 @@ class SiglipTokenizer:
         if skip_special_tokens:
             id_list = [token_id for token_id in id_list if token_id != self.eot_token_id]
         return self._processor.decode(id_list)
+
+
+class UnavailableTokenizer:
+    """Stands in for a checkpoint's tokenizer whose files cannot be had (offline, not cached): the model
+    and its image tower load; tokenizing, saving or asking for the config raises with the reason."""
+
+    sot_token_id = None
+
+    def __init__(self, reason: str, context_length: int | None = None) -> None:
+        self.reason = reason
+        self.context_length = context_length
+
+    def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        raise TokenizerError(self.reason)
+
+    __call__ = encode = decode = save = save_hf = _fail
+
+    @property
+    def config(self) -> dict[str, Any]:
+        raise TokenizerError(self.reason)
+
+    def __repr__(self) -> str:
+        return f"UnavailableTokenizer({self.reason.splitlines()[0]!r})"
 
 
 # ---------------------------------------------------------------------------------------------------------

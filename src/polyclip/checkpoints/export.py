@@ -165,6 +165,9 @@ def hf_config(config: DualEncoderConfig, dtype: torch.dtype = torch.float32) -> 
             "vision_config": vision_config, "dtype": dtype_name,
         }  # fmt: skip
     text_config["projection_size"] = config.embed_dim
+    # SigLIP's vocabulary has no start token and pads with its end token; transformers' SiglipTextConfig
+    # would otherwise default to CLIP's ids (49406, 49407), outside a 32000-token vocabulary
+    text_config.update(bos_token_id=None, eos_token_id=text.eos_token_id, pad_token_id=text.eos_token_id)
     return {
         "architectures": ["SiglipModel"], "model_type": "siglip", "text_config": text_config,
         "vision_config": vision_config, "dtype": dtype_name,
@@ -251,9 +254,14 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp.replace(path)  # a killed export never leaves a half-written weights file
 
 
-def export_hf(model: nn.Module, folder: str | Path, preprocess_config: Any = None) -> Path:
+def export_hf(
+    model: nn.Module, folder: str | Path, preprocess_config: Any = None, tokenizer: Any = None
+) -> Path:
     """Write ``model`` as a transformers CLIPModel or SiglipModel folder: ``config.json``,
-    ``model.safetensors``, ``preprocessor_config.json``. Tokenizer files are not written."""
+    ``model.safetensors``, ``preprocessor_config.json``, and the tokenizer's files when ``tokenizer`` is
+    given (then ``AutoProcessor``, ``pipeline("zero-shot-image-classification")`` and
+    ``SiglipModel(**processor(...))`` read the folder as the model was trained: a SigLIP tokenizer there
+    returns no attention mask)."""
     config: DualEncoderConfig = model.config
     model_type = hf_model_type(config)
     fields = _preprocess_fields(preprocess_config, model_type, config.vision.image_size)
@@ -266,7 +274,21 @@ def export_hf(model: nn.Module, folder: str | Path, preprocess_config: Any = Non
     dtype = next(v.dtype for v in weights.values() if v.is_floating_point())
     (folder / "config.json").write_text(json.dumps(hf_config(config, dtype), indent=2) + "\n")
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    if tokenizer is not None:
+        _check_tokenizer(tokenizer, config)
+        tokenizer.save_hf(folder)
     return folder
+
+
+def _check_tokenizer(tokenizer: Any, config: DualEncoderConfig) -> None:
+    if not hasattr(tokenizer, "save_hf"):
+        raise ExportError(
+            f"{type(tokenizer).__name__} cannot write transformers tokenizer files (no save_hf)"
+        )
+    if getattr(tokenizer, "vocab_size", config.text.vocab_size) > config.text.vocab_size:
+        raise ExportError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens, the text tower only {config.text.vocab_size}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,34 +306,93 @@ def open_clip_preprocess_config(fields: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# The hub repo holding the English SentencePiece model (big_vision's c4-en, 32000 pieces) that every
+# English SigLIP (v1) checkpoint of open_clip names as its hf_tokenizer_name
+SIGLIP_C4_TOKENIZER = "timm/ViT-B-16-SigLIP"
+
+
+def open_clip_record(
+    config: DualEncoderConfig,
+    preprocess_config: Any = None,
+    hf_tokenizer_name: str | None = None,
+    tokenizer: Any = None,
+) -> tuple[dict[str, Any], str, bool]:
+    """``open_clip_config.json``'s content, the image key layout and whether the text tower is CustomTextCLIP's.
+
+    A SigLIP model needs its SentencePiece tokenizer named: ``text_cfg.hf_tokenizer_name`` (``hf_tokenizer_name``,
+    by default the English SigLIP tokenizer's repo for a 32000-token vocabulary) and open_clip's cleaning.
+    """
+    from polyclip.tokenizers import SiglipTokenizer
+
+    model_cfg, layout, custom_text = to_open_clip_config(config)
+    sentencepiece = isinstance(tokenizer, SiglipTokenizer)
+    if tokenizer is not None and not sentencepiece and layout == "timm":
+        raise ExportError(
+            f"open_clip's SigLIP models read a SentencePiece tokenizer, not {type(tokenizer).__name__}"
+        )
+    if sentencepiece:
+        _check_tokenizer(tokenizer, config)
+        if hf_tokenizer_name is None and config.text.vocab_size == 32000:
+            hf_tokenizer_name = SIGLIP_C4_TOKENIZER
+        if hf_tokenizer_name is None:
+            raise ExportError(
+                "name the hub repo of this SentencePiece tokenizer (hf_tokenizer_name=...): open_clip records "
+                "one for hf-hub: loading"
+            )
+    elif hf_tokenizer_name is None and layout == "timm":
+        raise ExportError(
+            "a SigLIP model needs its SentencePiece tokenizer in the open_clip folder: pass tokenizer=... "
+            "(or hf_tokenizer_name=... for one on the hub), or open_clip falls back to CLIP's BPE"
+        )
+    if hf_tokenizer_name:
+        model_cfg["text_cfg"]["hf_tokenizer_name"] = hf_tokenizer_name
+        lower = tokenizer is None or tokenizer.config.get("do_lower_case", True)
+        # open_clip's "canonicalize" lower-cases and strips punctuation before the HF tokenizer's own
+        # canonicalisation, as big_vision does; "whitespace" keeps the case
+        model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": "canonicalize" if lower else "whitespace"}
+    model_type = "siglip" if layout == "timm" else "clip"
+    fields = _preprocess_fields(preprocess_config, model_type, config.vision.image_size)
+    return (
+        {"model_cfg": model_cfg, "preprocess_cfg": open_clip_preprocess_config(fields)},
+        layout,
+        custom_text,
+    )
+
+
 def export_open_clip(
-    model: nn.Module, folder: str | Path, preprocess_config: Any = None, hf_tokenizer_name: str | None = None
+    model: nn.Module,
+    folder: str | Path,
+    preprocess_config: Any = None,
+    hf_tokenizer_name: str | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write ``model`` as an open_clip hub folder: ``open_clip_config.json`` + ``open_clip_model.safetensors``.
 
-    ``hf_tokenizer_name`` names the hub repo of a SigLIP tokenizer (open_clip's ``text_cfg.hf_tokenizer_name``);
-    without it open_clip uses CLIP's BPE.
+    A SigLIP model needs its SentencePiece tokenizer: pass ``tokenizer`` (a `SiglipTokenizer`) and its files
+    are written beside the weights (``spiece.model``, ``tokenizer_config.json``), with
+    ``text_cfg.hf_tokenizer_name`` set, so that open_clip's ``get_tokenizer("local-dir:FOLDER")`` builds it
+    offline; ``hf_tokenizer_name`` is the hub repo named for ``hf-hub:`` loading. Without them open_clip
+    would use CLIP's BPE, so a SigLIP model without either is refused. A CLIP model needs no tokenizer files
+    (open_clip's default is CLIP's BPE).
     """
     config: DualEncoderConfig = model.config
-    model_cfg, layout, custom_text = to_open_clip_config(config)
-    if hf_tokenizer_name:
-        model_cfg["text_cfg"]["hf_tokenizer_name"] = hf_tokenizer_name
-        model_cfg["text_cfg"]["tokenizer_kwargs"] = {"clean": "canonicalize"}
-    model_type = "siglip" if layout == "timm" else "clip"
-    fields = _preprocess_fields(preprocess_config, model_type, config.vision.image_size)
-    record = {"model_cfg": model_cfg, "preprocess_cfg": open_clip_preprocess_config(fields)}
+    record, layout, custom_text = open_clip_record(config, preprocess_config, hf_tokenizer_name, tokenizer)
     tensors = to_open_clip_state_dict(_weights(model), layout, custom_text)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _save_safetensors(tensors, folder / OPEN_CLIP_WEIGHTS_NAME)
     (folder / OPEN_CLIP_CONFIG_NAME).write_text(json.dumps(record, indent=2) + "\n")
+    if "hf_tokenizer_name" in record["model_cfg"]["text_cfg"] and tokenizer is not None:
+        tokenizer.save_hf(folder)
     return folder
 
 
 __all__ = [
+    "SIGLIP_C4_TOKENIZER",
     "ExportError",
     "export_hf",
     "export_open_clip",
+    "open_clip_record",
     "hf_config",
     "hf_model_type",
     "hf_preprocessor_config",

@@ -26,13 +26,13 @@ from polyclip.checkpoints.common import (
     split_rows,
     template_renames,
 )
-from polyclip.models import DualEncoderConfig, TextConfig, VisionConfig
+from polyclip.models import CLIP_EOT_ID, CLIP_VOCAB_SIZE, DualEncoderConfig, TextConfig, VisionConfig
 
 # transformers' defaults for what config.json may leave out
 _DEFAULTS = {
     "clip": {
         "text": dict(
-            vocab_size=49408,
+            vocab_size=CLIP_VOCAB_SIZE,
             hidden_size=512,
             intermediate_size=2048,
             num_hidden_layers=12,
@@ -40,7 +40,7 @@ _DEFAULTS = {
             max_position_embeddings=77,
             hidden_act="quick_gelu",
             layer_norm_eps=1e-5,
-            eos_token_id=49407,
+            eos_token_id=CLIP_EOT_ID,
         ),
         "vision": dict(
             hidden_size=768,
@@ -188,7 +188,7 @@ def config_from_hf(hf_config: dict[str, Any]) -> DualEncoderConfig:
                 act=_activation(text["hidden_act"]),
                 norm_eps=text["layer_norm_eps"],
                 pool=pool,
-                eos_token_id=eos if eos is not None else 49407,
+                eos_token_id=eos if eos is not None else CLIP_EOT_ID,
             ),
             init_logit_scale=top["logit_scale_init_value"],
         )
@@ -275,7 +275,11 @@ def preprocess_from_hf(folder: Path, model_type: str, image_size: int) -> dict[s
         size = data.get("size", {}).get("height", image_size)
         mean, std = data.get("image_mean", [0.5] * 3), data.get("image_std", [0.5] * 3)
         return dict(
-            image_size=size, resize_mode="squash", interpolation=resample, mean=tuple(mean), std=tuple(std),
+            image_size=size,
+            resize_mode="squash",
+            interpolation=resample,
+            mean=tuple(mean),
+            std=tuple(std),
             convention="transformers",
         )
     size = data.get("crop_size", {})

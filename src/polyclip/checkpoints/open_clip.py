@@ -29,7 +29,14 @@ from polyclip.checkpoints.common import (
     rename_keys,
     template_renames,
 )
-from polyclip.models import ConfigError, DualEncoderConfig, TextConfig, VisionConfig
+from polyclip.models import (
+    CLIP_EOT_ID,
+    CLIP_VOCAB_SIZE,
+    ConfigError,
+    DualEncoderConfig,
+    TextConfig,
+    VisionConfig,
+)
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -335,12 +342,12 @@ def _text_config(cfg: dict[str, Any], quick_gelu: bool) -> TextConfig:
     width = cfg.get("width", 512)
     where = "text_cfg"
     return TextConfig(
-        vocab_size=cfg.get("vocab_size", 49408), context_length=cfg.get("context_length", 77), width=width,
+        vocab_size=cfg.get("vocab_size", CLIP_VOCAB_SIZE), context_length=cfg.get("context_length", 77), width=width,
         layers=cfg.get("layers", 12), heads=cfg.get("heads", 8), mlp_dim=int(width * cfg.get("mlp_ratio", 4.0)),
         act=_activation(quick_gelu, cfg.get("act_kwargs"), where), norm_eps=_norm_eps(cfg, 1e-5, where),
         causal=not cfg.get("no_causal_mask", False), pool=pool,
         # open_clip's eos_id defaults to 2 and matters only for pool_type "eos"
-        eos_token_id=cfg.get("eos_id", 2 if pool == "eos" else 49407),
+        eos_token_id=cfg.get("eos_id", 2 if pool == "eos" else CLIP_EOT_ID),
         projection=cfg.get("proj_type", "linear") != "none", projection_bias=cfg.get("proj_bias", False),
     )  # fmt: skip
 
@@ -393,28 +400,43 @@ def preprocess_from_open_clip(preprocess_cfg: dict[str, Any], image_size: int) -
     )
 
 
-def tokenizer_from_open_clip(text_cfg: dict[str, Any], notes: list[str]) -> dict[str, Any] | None:
-    """The tokenizer config: CLIP's BPE, or SigLIP's SentencePiece named by ``hf_tokenizer_name``."""
+# The SentencePiece file of a SigLIP tokenizer: read from the folder, or from the hub repo the config names
+SPIECE_FILE = "spiece.model"
+HUB_FILE_PREFIX = "hf-hub:"  # a tokenizer file named "hf-hub:org/repo/file" is resolved by the loader
+
+
+def tokenizer_from_open_clip(
+    text_cfg: dict[str, Any], notes: list[str], folder: Path | None = None
+) -> dict[str, Any] | None:
+    """The tokenizer config: CLIP's BPE, or SigLIP's SentencePiece named by ``hf_tokenizer_name``.
+
+    open_clip builds ``HFTokenizer(hf_tokenizer_name)``: from the folder's own files with ``local-dir:``,
+    from the hub otherwise. polyclip reads the folder's ``spiece.model`` when it is there and otherwise
+    names the hub repo's (``hf-hub:REPO/spiece.model``), which the loader resolves through the hub cache.
+    """
     context_length = text_cfg.get("context_length", 77)
     name = text_cfg.get("hf_tokenizer_name")
     if not name:
-        if text_cfg.get("vocab_size", 49408) != 49408:
+        if text_cfg.get("vocab_size", CLIP_VOCAB_SIZE) != CLIP_VOCAB_SIZE:
             notes.append(f"vocab_size {text_cfg['vocab_size']} is not CLIP's BPE and no tokenizer is named")
             return None
         return {"type": "clip", "context_length": context_length}
-    # SigLIP (v1) checkpoints name the hub repo holding their SentencePiece model; SigLIP 2 uses Gemma's
+    local = folder is not None and (folder / SPIECE_FILE).is_file()
+    # SigLIP (v1) checkpoints name a hub repo holding their SentencePiece model; SigLIP 2 uses Gemma's
     lowered = name.lower()
-    if "siglip" in lowered and "siglip2" not in lowered:
-        notes.append(
-            f"the SentencePiece model comes from the hub repo {name!r}: its spiece.model is read from this folder"
-        )
-        clean = (text_cfg.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")
-        return {
-            "type": "siglip", "context_length": context_length, "spiece_model": "spiece.model",
-            "do_lower_case": clean == "canonicalize",  # open_clip's canonicalize lower-cases and strips punctuation
-        }  # fmt: skip
-    notes.append(f"tokenizer {name!r} is not one polyclip provides")
-    return None
+    if not local and ("siglip" not in lowered or "siglip2" in lowered):
+        notes.append(f"tokenizer {name!r} is not one polyclip provides")
+        return None
+    if local:
+        spiece = SPIECE_FILE
+    else:
+        spiece = f"{HUB_FILE_PREFIX}{name.removeprefix(HUB_FILE_PREFIX)}/{SPIECE_FILE}"
+        notes.append(f"the folder has no {SPIECE_FILE}: the SentencePiece model is the hub repo {name!r}'s")
+    clean = (text_cfg.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")
+    return {
+        "type": "siglip", "context_length": context_length, "spiece_model": spiece,
+        "do_lower_case": clean == "canonicalize",  # open_clip's canonicalize lower-cases and strips punctuation
+    }  # fmt: skip
 
 
 def find_weights(folder: Path) -> Path:
@@ -457,7 +479,7 @@ def read_open_clip(folder: Path) -> Checkpoint:
         config=config,
         state_dict=convert_state_dict(state_dict, layout),
         preprocess=preprocess_from_open_clip(data.get("preprocess_cfg") or {}, config.vision.image_size),
-        tokenizer=tokenizer_from_open_clip(model_cfg.get("text_cfg", {}), notes),
+        tokenizer=tokenizer_from_open_clip(model_cfg.get("text_cfg", {}), notes, folder),
         source=folder,
         notes=notes,
     )
@@ -564,6 +586,7 @@ def to_open_clip_config(config: DualEncoderConfig) -> tuple[dict[str, Any], str,
 
 __all__ = [
     "CONFIG_NAME",
+    "HUB_FILE_PREFIX",
     "TIMM_SIGLIP_FAMILIES",
     "config_from_open_clip",
     "convert_state_dict",

@@ -200,8 +200,7 @@ def convert(
     if to == "native":
         polyclip.save(model, preprocess, tokenizer, out)
     elif to == "hf":
-        export_hf(model, out, preprocess.config)
-        tokenizer.save_hf(out)
+        export_hf(model, out, preprocess.config, tokenizer=tokenizer)
     else:
-        export_open_clip(model, out, preprocess.config)
+        export_open_clip(model, out, preprocess.config, tokenizer=tokenizer)
     console.print(f"wrote a {to} folder to {out}")

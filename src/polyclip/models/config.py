@@ -201,9 +201,16 @@ def _resnet_parameters(config: VisionConfig, embed_dim: int) -> int:
     return count + features * embed_dim + embed_dim
 
 
+# OpenAI CLIP's byte-level BPE (clip/simple_tokenizer.py): 49408 tokens, the last two being the start
+# and end tokens. The one home of these ids; tokenizers and checkpoint readers import them.
+CLIP_VOCAB_SIZE = 49408
+CLIP_SOT_ID = 49406
+CLIP_EOT_ID = 49407
+
+
 @dataclass
 class TextConfig:
-    vocab_size: int = 49408
+    vocab_size: int = CLIP_VOCAB_SIZE
     context_length: int = 77
     width: int = 512
     layers: int = 12
@@ -216,7 +223,7 @@ class TextConfig:
     # "eos": the first position of eos_token_id (transformers' CLIP with a modern config);
     # "last": the last position (SigLIP pads with its end token to a fixed length)
     pool: str = "argmax"
-    eos_token_id: int = 49407
+    eos_token_id: int = CLIP_EOT_ID
     projection: bool = True
     projection_bias: bool = False  # SigLIP's text head has a bias
 

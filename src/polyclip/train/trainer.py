@@ -135,10 +135,13 @@ class Trainer:
                 f"model.context_length {context} exceeds the text tower's {model.config.text.context_length} positions"
             )
         if tokenizer is None:
-            if model.config.text.vocab_size != 49408:
+            from polyclip.models import CLIP_VOCAB_SIZE
+
+            if model.config.text.vocab_size != CLIP_VOCAB_SIZE:
                 raise TrainConfigError(
                     f"a model trained from scratch with a {model.config.text.vocab_size}-token vocabulary needs its "
-                    "own tokenizer files; only CLIP's BPE (49408 tokens) is built in. Fine-tune from a checkpoint "
+                    "own tokenizer files; only CLIP's BPE ("
+                    f"{CLIP_VOCAB_SIZE} tokens) is built in. Fine-tune from a checkpoint "
                     "folder that holds its tokenizer (model.pretrained) instead"
                 )
             tokenizer = ClipTokenizer(context_length=context)

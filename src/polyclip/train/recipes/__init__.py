@@ -52,7 +52,7 @@ def get_recipe(name: str, smoke: bool = False) -> TrainConfig:
 
 def smoke_model(sigmoid: bool):
     """A tiny random model of the recipe's family that CLIP's BPE tokenizer can feed."""
-    from polyclip.models import get_architecture
+    from polyclip.models import CLIP_EOT_ID, CLIP_VOCAB_SIZE, get_architecture
 
     if not sigmoid:
         return get_architecture("tiny-vit")
@@ -60,7 +60,7 @@ def smoke_model(sigmoid: bool):
     # SigLIP's own SentencePiece vocabulary cannot be built offline: the smoke model reads CLIP's BPE and
     # pools at its end token (the highest id) instead of SigLIP's last position.
     config.text = dataclasses.replace(
-        config.text, vocab_size=49408, context_length=32, pool="argmax", eos_token_id=49407
+        config.text, vocab_size=CLIP_VOCAB_SIZE, context_length=32, pool="argmax", eos_token_id=CLIP_EOT_ID
     )
     return config
 
