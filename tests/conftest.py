@@ -9,6 +9,30 @@ from pathlib import Path
 import pytest
 import torch
 
+# In CI (CI=true) every reference implementation must be importable: a missing or broken one fails the
+# run instead of skipping the parity tests that need it.
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def missing_reference(reason: str):
+    """A reference cannot be used here: skip on a developer's machine, fail in CI."""
+    if IN_CI:
+        pytest.fail(f"reference unavailable in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def import_reference(module: str, reason: str | None = None):
+    """``pytest.importorskip`` that fails in CI; any import error (not only a missing module) counts."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except Exception as error:
+        missing_reference(
+            f"{module} cannot be imported ({type(error).__name__}: {error}); {reason or ''}".strip()
+        )
+
+
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")

@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import import_reference, missing_reference
 from polyclip.checkpoints import CheckpointError, build_model, detect_format, load_strict, read_checkpoint
 from polyclip.checkpoints import open_clip as open_clip_format
 from polyclip.checkpoints.export import ExportError, export_hf, export_open_clip
 from polyclip.models import DualEncoderConfig, TextConfig, VisionConfig, create_model
 
-transformers = pytest.importorskip("transformers")
+transformers = import_reference("transformers", "pip install transformers")
 
 TOLERANCE = 1e-5
 VOCAB = 100  # tiny CLIP-style vocabulary: start token 98, end token 99 (the highest id, as in CLIP's BPE)
@@ -433,7 +434,7 @@ def open_clip_reference():
     (used for freezing and feature taps, not by forward) replaced; skipped when open_clip is absent."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("open_clip_torch is not installed (pip install --no-deps open_clip_torch)")
+        missing_reference("open_clip_torch is not installed (pip install --no-deps open_clip_torch)")
     name = "_open_clip_reference"
     package = types.ModuleType(name)
     package.__path__ = list(spec.submodule_search_locations)
@@ -449,7 +450,7 @@ def open_clip_reference():
     try:
         module = importlib.import_module(f"{name}.model")
     except Exception as error:  # a newer open_clip may import more than this test provides
-        pytest.skip(f"open_clip's model.py does not import here: {error}")
+        missing_reference(f"open_clip's model.py does not import here: {error}")
     finally:
         for key, value in saved.items():
             if value is None:
@@ -964,3 +965,160 @@ def test_export_open_clip_matches_open_clip_classes(tmp_path, open_clip_referenc
             reference.encode_image(images.clone()), model.encode_image(images), atol=TOLERANCE, rtol=0
         )
         torch.testing.assert_close(reference.encode_text(ids), model.encode_text(ids), atol=TOLERANCE, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parity with autograd on: the training path (no in-place residual updates) gives the reference's outputs
+
+
+def _assert_autograd_parity(ours, images, ids, image_expected, text_expected) -> None:
+    ours.eval()
+    with torch.enable_grad():
+        image = ours.encode_image(images)
+        text = ours.encode_text(ids)
+    assert image.requires_grad and text.requires_grad  # the autograd path really ran
+    torch.testing.assert_close(image.detach(), image_expected, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(text.detach(), text_expected, atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_transformers_parity_with_autograd_on(tmp_path, kind):
+    reference = (hf_clip() if kind == "clip" else hf_siglip()).eval()
+    reference.save_pretrained(tmp_path)
+    images, ids = pixels(32), clip_token_ids(16) if kind == "clip" else siglip_token_ids(16)
+    with torch.no_grad():
+        image_expected = features(reference.get_image_features(pixel_values=images))
+        text_expected = features(reference.get_text_features(input_ids=ids))
+    _assert_autograd_parity(load(tmp_path), images, ids, image_expected, text_expected)
+
+
+@pytest.mark.parametrize("case", ["vit-quick-gelu", "resnet", "custom-text-sigmoid"])
+def test_open_clip_parity_with_autograd_on(tmp_path, open_clip_reference, case):
+    spec = OPEN_CLIP_CASES[case]
+    cfg = spec["model_cfg"]
+    cls = open_clip_reference.CustomTextCLIP if spec["custom"] else open_clip_reference.CLIP
+    torch.manual_seed(0)
+    reference = cls(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=cfg.get("quick_gelu", False),
+                    init_logit_bias=cfg.get("init_logit_bias"))  # fmt: skip
+    randomize_(reference).eval()
+    write_open_clip_folder(tmp_path, cfg, reference.state_dict())
+    images, ids = pixels(cfg["vision_cfg"]["image_size"]), spec["ids"]
+    with torch.no_grad():
+        image_expected, text_expected = reference.encode_image(images), reference.encode_text(ids)
+    _assert_autograd_parity(load(tmp_path), images, ids, image_expected, text_expected)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints that do not say what they are
+
+
+def test_plain_state_dict_of_a_gelu_model_needs_its_architecture(tmp_path, open_clip_reference):
+    """open_clip's ViT-B-32 is GELU, OpenAI's QuickGELU, and a state dict does not say which: polyclip
+    warns when it assumes, and takes the activation from ``architecture=``."""
+    import polyclip
+
+    # 64-wide heads: OpenAI's loader reads the head count as width // 64 from a state dict
+    cfg = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": VOCAB, "width": 64, "heads": 1, "layers": 2}}  # fmt: skip
+    torch.manual_seed(0)
+    reference = open_clip_reference.CLIP(
+        cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"], quick_gelu=False
+    )
+    randomize_(reference).eval()
+    path = tmp_path / "open_clip_gelu.pt"
+    torch.save(reference.state_dict(), path)
+    images, ids = pixels(32), clip_token_ids(16)
+    with torch.no_grad():
+        expected = reference.encode_image(images)
+    with pytest.warns(UserWarning, match="does not say its activation"):
+        assumed, _, _ = polyclip.load(path)
+    assert assumed.config.vision.act == "quick_gelu"
+    with torch.no_grad():
+        assert (assumed.encode_image(images) - expected).abs().max() > 1e-3  # silently wrong otherwise
+    gelu = assumed.config.to_dict()
+    gelu["vision"]["act"] = gelu["text"]["act"] = "gelu"
+    exact, _, _ = polyclip.load(path, architecture=DualEncoderConfig.from_dict(gelu))
+    with torch.no_grad():
+        torch.testing.assert_close(exact.encode_image(images), expected, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(exact.encode_text(ids), reference.encode_text(ids), atol=TOLERANCE, rtol=0)
+    with pytest.raises(CheckpointError, match="does not have the sizes of architecture ViT-B-32"):
+        polyclip.load(path, architecture="ViT-B-32")
+    with pytest.raises(CheckpointError, match="EVA01/EVA02 trunks are not supported"):
+        polyclip.load(path, architecture="EVA02-B-16")
+
+
+def test_open_clip_architecture_names():
+    from polyclip.models import ConfigError, get_architecture, open_clip_architecture
+
+    assert open_clip_architecture("ViT-B-32").vision.act == "gelu"  # open_clip's LAION models
+    assert open_clip_architecture("ViT-B-32").to_dict() == get_architecture("ViT-B-32-gelu").to_dict()
+    assert open_clip_architecture("ViT-B-32-quickgelu").to_dict() == get_architecture("ViT-B-32").to_dict()
+    assert open_clip_architecture("RN50").text.act == "gelu"
+    for name, family in (("coca_ViT-B-32", "CoCa"), ("convnext_base_w", "ConvNeXt"), ("xlm-roberta-base-ViT-B-32",
+                         "Hugging Face text towers"), ("ViT-B-16-SigLIP2", "SigLIP 2")):  # fmt: skip
+        with pytest.raises(ConfigError, match=family):
+            open_clip_architecture(name)
+
+
+def test_unsupported_open_clip_families_are_named(tmp_path):
+    for model_cfg, family in (
+        ({"embed_dim": 512, "multimodal_cfg": {"width": 512}}, "CoCa"),
+        (
+            {"embed_dim": 512, "vision_cfg": {"timm_model_name": "eva02_base_patch16_clip_224"}},
+            "EVA01/EVA02 trunks",
+        ),
+        ({"embed_dim": 512, "vision_cfg": {"timm_model_name": "convnext_base"}}, "ConvNeXt"),
+        ({"embed_dim": 512, "text_cfg": {"hf_model_name": "roberta-base"}}, "Hugging Face text towers"),
+    ):
+        with pytest.raises(CheckpointError, match=family):
+            open_clip_format.config_from_open_clip(model_cfg)
+
+
+def test_open_clip_siglip_folder_without_its_sentencepiece_file(tmp_path, monkeypatch):
+    """open_clip resolves hf_tokenizer_name through the hub; polyclip does so through the hub cache (offline
+    here), loads the image tower anyway when the file is not there, and says what to download."""
+    import polyclip
+    from polyclip.tokenizers import SiglipTokenizer, TokenizerError
+
+    monkeypatch.setitem(  # tiny-siglip's sizes, named like a timm trunk
+        open_clip_format.TIMM_SIGLIP_FAMILIES, "tiny", dict(width=64, layers=2, heads=4, mlp_dim=128)
+    )
+    spiece = Path(__file__).parent / "golden" / "exports" / "spiece.model"
+    tokenizer = SiglipTokenizer(spiece)
+    config = create_model("tiny-siglip").config
+    config.text.vocab_size = tokenizer.vocab_size
+    config.vision.act = config.text.act = "gelu"
+    model = create_model(config).eval()
+    folder = export_open_clip(
+        model, tmp_path / "siglip", tokenizer=tokenizer, hf_tokenizer_name="org/tiny-siglip"
+    )
+    (folder / "spiece.model").unlink()
+    (folder / "tokenizer_config.json").unlink()
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with pytest.warns(UserWarning, match="hf download org/tiny-siglip spiece.model"):
+        loaded, preprocess, missing = polyclip.load(folder)
+    with torch.no_grad():
+        assert loaded.encode_image(pixels(32)).shape == (2, config.embed_dim)  # the image tower works
+    with pytest.raises(TokenizerError, match="not in the local Hugging Face cache"):
+        missing(["a cat"])
+    # the same file in huggingface_hub's cache layout (models--org--name/snapshots/<commit>/, refs/main)
+    snapshot = cache / "models--org--tiny-siglip" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "spiece.model").write_bytes(spiece.read_bytes())
+    (cache / "models--org--tiny-siglip" / "refs").mkdir()
+    (cache / "models--org--tiny-siglip" / "refs" / "main").write_text("0" * 40)
+    _, _, found = polyclip.load(folder)
+    assert torch.equal(found(["a photo of a cat"]), tokenizer(["a photo of a cat"]))
+
+
+def test_missing_references_fail_in_ci(monkeypatch):
+    import conftest
+
+    monkeypatch.setattr(conftest, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="reference unavailable in CI"):
+        conftest.import_reference("a_module_that_does_not_exist")
+    monkeypatch.setattr(conftest, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception):
+        conftest.import_reference("a_module_that_does_not_exist")

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import polyclip
+from conftest import import_reference
 from polyclip.checkpoints.export import ExportError, export_hf, export_open_clip, open_clip_record
 from polyclip.checkpoints.open_clip import tokenizer_from_open_clip
 from polyclip.tokenizers import SiglipTokenizer, build_tokenizer
@@ -104,7 +105,7 @@ def test_a_siglip_export_without_its_tokenizer_is_refused() -> None:
 # ---------------------------------------------------------------------------------------------------------
 # transformers, as users call it
 
-transformers = pytest.importorskip("transformers")
+transformers = import_reference("transformers", "pip install transformers")
 
 
 def _tiny(name: str):

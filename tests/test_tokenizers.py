@@ -27,6 +27,7 @@ import pytest
 import regex
 import torch
 
+from conftest import import_reference, missing_reference
 from polyclip.tokenizers import (
     ClipTokenizer,
     MissingTokenizerError,
@@ -44,16 +45,16 @@ def _load_module_file(package: str, filename: str, install_hint: str):
     """Loads one file of an installed package without running the package's __init__."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"reference tokenizer not installed: {install_hint}")
+        missing_reference(f"reference tokenizer not installed: {install_hint}")
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.is_file():
-        pytest.skip(f"{package} has no {filename}: {install_hint}")
+        missing_reference(f"{package} has no {filename}: {install_hint}")
     module_spec = importlib.util.spec_from_file_location(f"_reference_{package}_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
     except Exception as error:  # any import problem of the reference means: cannot compare here
-        pytest.skip(f"cannot load {path} ({error!r}): {install_hint}")
+        missing_reference(f"cannot load {path} ({error!r}): {install_hint}")
     return module
 
 
@@ -254,7 +255,7 @@ def hf_clip_folder(tmp_path_factory) -> Path:
 
 
 def test_clip_matches_transformers_clip_tokenizer(clip_tokenizer, hf_clip_folder):
-    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    transformers = import_reference("transformers", "pip install transformers")
     hf_tokenizer = transformers.CLIPTokenizer.from_pretrained(hf_clip_folder)
     # transformers splits words with the Rust regex engine, case-sensitively ("'ſ" is not "'s" there) and
     # with fewer Unicode letters than the `regex` module knows: leave those characters out.
@@ -418,7 +419,7 @@ def spiece_folder(request, tmp_path_factory) -> Path:
     SigLIP's model collapses extra whitespace; the variant that keeps it exercises transformers' handling
     of a lone leading "▁" piece before a special token.
     """
-    sentencepiece = pytest.importorskip("sentencepiece")
+    sentencepiece = import_reference("sentencepiece")
     rng = random.Random(0)
     sentences = [
         " ".join(rng.choice(_SP_WORDS) for _ in range(rng.randint(4, 14))).capitalize() + rng.choice(".!?,")
@@ -470,7 +471,7 @@ SIGLIP_TEXTS = (
 
 @pytest.fixture(scope="module")
 def hf_siglip(spiece_folder):
-    transformers = pytest.importorskip("transformers", reason="pip install transformers")
+    transformers = import_reference("transformers", "pip install transformers")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return transformers.SiglipTokenizer.from_pretrained(spiece_folder)

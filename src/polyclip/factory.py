@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from polyclip.checkpoints import CheckpointError, build_model, read_checkpoint
+from polyclip.checkpoints.loading import is_torchscript_archive
 from polyclip.checkpoints.native import write_native
 from polyclip.checkpoints.open_clip import HUB_FILE_PREFIX
 from polyclip.hub import ModelNotFoundError, RegistryEntry, hub_file, resolve
-from polyclip.models import CLIP_VOCAB_SIZE, DualEncoder, DualEncoderConfig, create_model, get_architecture
+from polyclip.models import (
+    CLIP_VOCAB_SIZE,
+    ConfigError,
+    DualEncoder,
+    DualEncoderConfig,
+    create_model,
+    get_architecture,
+    open_clip_architecture,
+)
 from polyclip.quantization import quantize_model
 from polyclip.tokenizers import (
     MissingTokenizerError,
@@ -46,6 +56,7 @@ def load(
     compile: bool | str = False,
     quantize: str | None = None,
     format: str | None = None,
+    architecture: str | DualEncoderConfig | None = None,
 ) -> tuple[DualEncoder, ImageTransform, Any]:
     """Load a released checkpoint by registry name, ``hf-hub:org/repo``, or a local folder or file.
 
@@ -56,11 +67,32 @@ def load(
     ``quantize="int8"`` applies dynamic int8 quantisation to the linear layers (CPU inference);
     ``quantize="fp8"`` runs the transformer blocks' linear layers as FP8 products (GPUs with FP8 tensor
     cores, ``dtype="bf16"``): see :mod:`polyclip.quantization`.
+
+    ``architecture`` names what a plain state dict does not say (its activation), with open_clip's names:
+    ``"ViT-B-32"`` is open_clip's GELU model, ``"ViT-B-32-quickgelu"`` OpenAI's (see
+    `polyclip.models.open_clip_architecture`). The file's shapes must match it. Without it a plain state
+    dict is read as OpenAI's QuickGELU, with a warning. A `DualEncoderConfig` may be given instead of a name.
     """
     path, entry, entry_format = resolve(name_or_path)
     checkpoint = read_checkpoint(path, format or entry_format)
     if entry is not None:
         _check_architecture(entry, checkpoint.config)
+    if architecture is not None:
+        if isinstance(architecture, DualEncoderConfig):
+            _apply_architecture(checkpoint, architecture, "given")
+        else:
+            _apply_architecture(checkpoint, open_clip_architecture_or_error(architecture), architecture)
+    elif entry is not None and checkpoint.format == "openai":
+        _apply_architecture(checkpoint, get_architecture(entry.architecture), entry.architecture)
+    elif _activation_assumed(checkpoint, path):
+        message = (
+            f"{path} is a plain state dict, which does not say its activation: read as OpenAI's QuickGELU. "
+            "open_clip models trained with exact GELU (open_clip's ViT-B-32, ViT-B-16, ViT-L-14, RN50... "
+            "without '-quickgelu') give slightly wrong embeddings so; name the architecture: "
+            "polyclip.load(path, architecture='ViT-B-32') or --arch ViT-B-32"
+        )
+        checkpoint.notes.append(message)
+        warnings.warn(message, stacklevel=2)
     folder = path if path.is_dir() else path.parent
     preprocess = build_preprocess(_preprocess_config(entry, checkpoint.preprocess, checkpoint.config))
     tokenizer = _tokenizer(entry, checkpoint.tokenizer, checkpoint.config, folder)
@@ -187,9 +219,52 @@ def _unavailable(message: str) -> UnavailableTokenizer:
     return UnavailableTokenizer(message)
 
 
+def open_clip_architecture_or_error(name: str) -> DualEncoderConfig:
+    try:
+        return open_clip_architecture(name)
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def _activation_assumed(checkpoint, path: Path) -> bool:
+    """A state dict without a config (not one of OpenAI's TorchScript archives, which are QuickGELU)."""
+    return checkpoint.format == "openai" and not is_torchscript_archive(path)
+
+
+def _apply_architecture(checkpoint, expected: DualEncoderConfig, name: str) -> None:
+    """Take what shapes cannot say (the activation) from ``expected``; refuse where the file disagrees."""
+    diffs = _architecture_diffs(expected, checkpoint.config)
+    if diffs:
+        raise CheckpointError(
+            f"{checkpoint.source} does not have the sizes of architecture {name}: " + "; ".join(diffs)
+        )
+    config = checkpoint.config
+    towers = [("text", config.text, expected.text)]
+    if config.vision.kind == "vit":
+        towers.append(("image", config.vision, expected.vision))
+    for where, ours, theirs in towers:
+        if ours.act == theirs.act:
+            continue
+        if checkpoint.format != "openai":  # the other formats record their activation
+            raise CheckpointError(
+                f"{checkpoint.source} records the {where} activation {ours.act!r}; architecture {name} has "
+                f"{theirs.act!r}"
+            )
+        ours.act = theirs.act
+        checkpoint.notes.append(f"{where} activation {theirs.act!r} from architecture {name}")
+
+
 def _check_architecture(entry: RegistryEntry, config: DualEncoderConfig) -> None:
     """A registry entry names the architecture its weights must build; refuse anything else."""
-    expected = get_architecture(entry.architecture)
+    diffs = _architecture_diffs(get_architecture(entry.architecture), config)
+    if diffs:
+        raise CheckpointError(
+            f"registry entry {entry.name!r} expects architecture {entry.architecture} but its files build "
+            "another one: " + "; ".join(diffs)
+        )
+
+
+def _architecture_diffs(expected: DualEncoderConfig, config: DualEncoderConfig) -> list[str]:
     vision_fields = ("kind", "image_size") + (
         ("resnet_layers", "resnet_width")
         if expected.vision.kind == "resnet"
@@ -204,11 +279,7 @@ def _check_architecture(entry: RegistryEntry, config: DualEncoderConfig) -> None
                 diffs.append(f"{tower}.{name}: expected {want}, checkpoint has {got}")
     if config.embed_dim != expected.embed_dim:
         diffs.append(f"embed_dim: expected {expected.embed_dim}, checkpoint has {config.embed_dim}")
-    if diffs:
-        raise CheckpointError(
-            f"registry entry {entry.name!r} expects architecture {entry.architecture} but its files build "
-            "another one: " + "; ".join(diffs)
-        )
+    return diffs
 
 
 __all__ = ["create_model", "finalize", "load", "save"]

@@ -10,8 +10,6 @@ transformers ``models/clip`` and ``models/siglip``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -240,15 +238,3 @@ class AttentionPool2d(nn.Module):
         std = self.c_proj.in_features**-0.5
         for linear in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
             nn.init.normal_(linear.weight, std=std)
-
-
-def resample_positions(pos: torch.Tensor, new_grid: int, num_prefix: int) -> torch.Tensor:
-    """Bicubic resampling of a square grid of learned positions ``(prefix + G*G, D)`` to a new grid."""
-    prefix, grid = pos[:num_prefix], pos[num_prefix:]
-    old_grid = int(math.isqrt(grid.shape[0]))
-    if old_grid == new_grid:
-        return pos
-    grid = grid.reshape(1, old_grid, old_grid, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, -1).to(pos.dtype)
-    return torch.cat([prefix, grid], dim=0)

@@ -26,7 +26,15 @@ from polyclip.checkpoints.common import (
     split_rows,
     template_renames,
 )
-from polyclip.models import CLIP_EOT_ID, CLIP_VOCAB_SIZE, DualEncoderConfig, TextConfig, VisionConfig
+from polyclip.models import (
+    CLIP_EOT_ID,
+    CLIP_VOCAB_SIZE,
+    DualEncoderConfig,
+    TextConfig,
+    VisionConfig,
+    siglip_text,
+    siglip_vision,
+)
 
 # transformers' defaults for what config.json may leave out
 _DEFAULTS = {
@@ -197,39 +205,21 @@ def config_from_hf(hf_config: dict[str, Any]) -> DualEncoderConfig:
         raise CheckpointError("SigLIP text projection size differs from the vision width; not supported")
     return DualEncoderConfig(
         embed_dim=vision["hidden_size"],
-        vision=VisionConfig(
-            image_size=vision["image_size"],
-            patch_size=vision["patch_size"],
-            width=vision["hidden_size"],
-            layers=vision["num_hidden_layers"],
-            heads=vision["num_attention_heads"],
-            mlp_dim=vision["intermediate_size"],
-            act=_activation(vision["hidden_act"]),
+        vision=siglip_vision(
+            image_size=vision["image_size"], patch_size=vision["patch_size"], width=vision["hidden_size"],
+            layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
+            mlp_dim=vision["intermediate_size"], act=_activation(vision["hidden_act"]),
             norm_eps=vision["layer_norm_eps"],
-            pool="map",
-            class_token=False,
-            pre_norm=False,
-            patch_bias=True,
-            projection=False,
         ),
-        text=TextConfig(
-            vocab_size=text["vocab_size"],
-            context_length=text["max_position_embeddings"],
-            width=text["hidden_size"],
-            layers=text["num_hidden_layers"],
-            heads=text["num_attention_heads"],
-            mlp_dim=text["intermediate_size"],
-            act=_activation(text["hidden_act"]),
+        text=siglip_text(
+            vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
+            width=text["hidden_size"], layers=text["num_hidden_layers"], heads=text["num_attention_heads"],
+            mlp_dim=text["intermediate_size"], act=_activation(text["hidden_act"]),
             norm_eps=text["layer_norm_eps"],
-            causal=False,
-            pool="last",
-            eos_token_id=1,
-            projection=True,
-            projection_bias=True,
         ),
         init_logit_scale=0.0,
         init_logit_bias=0.0,
-    )
+    )  # fmt: skip
 
 
 def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -36,7 +36,9 @@ from polyclip.models import (
     DualEncoderConfig,
     TextConfig,
     VisionConfig,
+    siglip_vision,
 )
+from polyclip.models.architectures import UNSUPPORTED_OPEN_CLIP_FAMILIES
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -309,12 +311,9 @@ def _vision_config(cfg: dict[str, Any], embed_dim: int, quick_gelu: bool) -> tup
     if cfg.get("timm_model_name"):
         _check_settings(cfg, _TIMM_FIXED, set(cfg), "vision_cfg")  # unknown keys were checked above
         trunk = timm_siglip_trunk(cfg["timm_model_name"])
-        config = VisionConfig(
-            image_size=image_size, patch_size=trunk["patch_size"], width=trunk["width"], layers=trunk["layers"],
-            heads=trunk["heads"], mlp_dim=trunk["mlp_dim"], act="gelu", norm_eps=1e-6, pool="map",
-            class_token=False, pre_norm=False, patch_bias=True,
-            projection=cfg.get("timm_proj", "linear") == "linear",
-        )  # fmt: skip
+        # timm's SigLIP trunks use exact GELU
+        config = siglip_vision(image_size=image_size, **trunk, act="gelu",
+                               projection=cfg.get("timm_proj", "linear") == "linear")  # fmt: skip
         return config, "timm"
     layers = cfg.get("layers", 12)
     head_width = cfg.get("head_width", 64)
@@ -352,8 +351,32 @@ def _text_config(cfg: dict[str, Any], quick_gelu: bool) -> TextConfig:
     )  # fmt: skip
 
 
+def _refuse_unsupported_family(model_cfg: dict[str, Any]) -> None:
+    """Name the open_clip family polyclip does not implement, rather than one setting it does not read."""
+    vision = model_cfg.get("vision_cfg") or {}
+    text = model_cfg.get("text_cfg") or {}
+    if "multimodal_cfg" in model_cfg:
+        raise CheckpointError(
+            "open_clip CoCa models (a captioning decoder, multimodal_cfg) are not supported"
+        )
+    for where, name in (
+        ("image tower", vision.get("timm_model_name")),
+        ("text tower", text.get("hf_model_name")),
+    ):
+        if not name:
+            continue
+        for pattern, family in UNSUPPORTED_OPEN_CLIP_FAMILIES.items():
+            if re.search(pattern, str(name).lower()):
+                raise CheckpointError(f"open_clip {where} {name!r}: {family} are not supported by polyclip")
+    if text.get("hf_model_name"):
+        raise CheckpointError(
+            f"open_clip text tower {text['hf_model_name']!r}: Hugging Face text towers are not supported by polyclip"
+        )
+
+
 def config_from_open_clip(model_cfg: dict[str, Any]) -> tuple[DualEncoderConfig, str]:
     """polyclip's config and the image tower's key layout ("vit", "resnet", "timm") from ``model_cfg``."""
+    _refuse_unsupported_family(model_cfg)
     unknown = sorted(set(model_cfg) - _TOP_KEYS)
     if unknown:
         raise CheckpointError(

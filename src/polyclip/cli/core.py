@@ -189,6 +189,13 @@ def convert(
     source: Annotated[str, typer.Argument(help="registry name, hf-hub:org/repo, or a checkpoint path")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
     to: Annotated[str, typer.Option(help="hf (transformers), open_clip, or native (polyclip)")] = "hf",
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            "--arch",
+            help="open_clip architecture of a plain state dict (ViT-B-32 is GELU, ViT-B-32-quickgelu OpenAI's)",
+        ),
+    ] = None,
 ) -> None:
     """Convert a checkpoint to a transformers, open_clip or polyclip folder, tokenizer files included."""
     import polyclip
@@ -196,7 +203,7 @@ def convert(
 
     if to not in ("hf", "open_clip", "native"):
         raise ValueError(f"--to must be hf, open_clip or native, got {to!r}")
-    model, preprocess, tokenizer = polyclip.load(source)
+    model, preprocess, tokenizer = polyclip.load(source, architecture=arch)
     if to == "native":
         polyclip.save(model, preprocess, tokenizer, out)
     elif to == "hf":

@@ -1,6 +1,13 @@
 """Architectures only: towers and the dual encoder, configured by dataclasses."""
 
-from polyclip.models.architectures import create_model, get_architecture, list_architectures
+from polyclip.models.architectures import (
+    create_model,
+    get_architecture,
+    list_architectures,
+    open_clip_architecture,
+    siglip_text,
+    siglip_vision,
+)
 from polyclip.models.config import (
     CLIP_EOT_ID,
     CLIP_SOT_ID,
@@ -25,4 +32,7 @@ __all__ = [
     "create_model",
     "get_architecture",
     "list_architectures",
+    "open_clip_architecture",
+    "siglip_text",
+    "siglip_vision",
 ]

@@ -23,25 +23,41 @@ def register_architecture(name: str):
     return wrap
 
 
-def _clip_vit(image_size, patch, width, layers, heads, embed, text_width, text_heads, act="quick_gelu"):
+def _clip_vit(
+    *,
+    image_size: int,
+    patch_size: int,
+    width: int,
+    layers: int,
+    heads: int,
+    embed_dim: int,
+    text_width: int,
+    text_heads: int,
+    act: str = "quick_gelu",
+) -> DualEncoderConfig:
+    """OpenAI CLIP's ViT (clip/model.py): MLP 4x wide, a 12-layer causal text tower."""
     return DualEncoderConfig(
-        embed_dim=embed,
+        embed_dim=embed_dim,
         vision=VisionConfig(
-            image_size=image_size,
-            patch_size=patch,
-            width=width,
-            layers=layers,
-            heads=heads,
-            mlp_dim=4 * width,
-            act=act,
+            image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads,
+            mlp_dim=4 * width, act=act,
         ),
         text=TextConfig(width=text_width, heads=text_heads, mlp_dim=4 * text_width, act=act),
-    )
+    )  # fmt: skip
 
 
-def _clip_resnet(image_size, stage_blocks, width, embed, text_width, text_heads):
+def _clip_resnet(
+    *,
+    image_size: int,
+    stage_blocks: tuple[int, ...],
+    width: int,
+    embed_dim: int,
+    text_width: int,
+    text_heads: int,
+) -> DualEncoderConfig:
+    """OpenAI CLIP's ModifiedResNet image tower with its causal text tower."""
     return DualEncoderConfig(
-        embed_dim=embed,
+        embed_dim=embed_dim,
         vision=VisionConfig(
             kind="resnet", image_size=image_size, resnet_layers=stage_blocks, resnet_width=width
         ),
@@ -49,62 +65,96 @@ def _clip_resnet(image_size, stage_blocks, width, embed, text_width, text_heads)
     )
 
 
-def _siglip(image_size, patch, width, layers, heads, mlp_dim, act="gelu_tanh", vocab=32000, context=64):
+def siglip_vision(
+    *,
+    image_size: int,
+    patch_size: int,
+    width: int,
+    layers: int,
+    heads: int,
+    mlp_dim: int,
+    act: str = "gelu_tanh",
+    norm_eps: float = 1e-6,
+    projection: bool = False,
+) -> VisionConfig:
+    """SigLIP's image tower (big_vision; transformers' SiglipVisionModel; timm's ``vit_*_siglip_*``): no class
+    token, no pre-norm, a patch-embedding bias, LayerNorm eps 1e-6, a MAP head (attention-pool) and, except
+    for open_clip's ``timm_proj="linear"``, no projection after it. The one home of these settings."""
+    return VisionConfig(
+        image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads, mlp_dim=mlp_dim,
+        act=act, norm_eps=norm_eps, pool="map", class_token=False, pre_norm=False, patch_bias=True,
+        projection=projection,
+    )  # fmt: skip
+
+
+def siglip_text(
+    *,
+    vocab_size: int = 32000,
+    context_length: int = 64,
+    width: int,
+    layers: int,
+    heads: int,
+    mlp_dim: int,
+    act: str = "gelu_tanh",
+    norm_eps: float = 1e-6,
+    eos_token_id: int = 1,
+) -> TextConfig:
+    """SigLIP's text tower: bidirectional, pooled at the last position (text padded with its end token to
+    a fixed length), a linear head with bias, LayerNorm eps 1e-6."""
+    return TextConfig(
+        vocab_size=vocab_size, context_length=context_length, width=width, layers=layers, heads=heads,
+        mlp_dim=mlp_dim, act=act, norm_eps=norm_eps, causal=False, pool="last", eos_token_id=eos_token_id,
+        projection=True, projection_bias=True,
+    )  # fmt: skip
+
+
+def _siglip(
+    *,
+    image_size: int,
+    patch_size: int,
+    width: int,
+    layers: int,
+    heads: int,
+    mlp_dim: int,
+    act: str = "gelu_tanh",
+) -> DualEncoderConfig:
+    tower = dict(width=width, layers=layers, heads=heads, mlp_dim=mlp_dim, act=act)
     return DualEncoderConfig(
         embed_dim=width,
-        vision=VisionConfig(
-            image_size=image_size,
-            patch_size=patch,
-            width=width,
-            layers=layers,
-            heads=heads,
-            mlp_dim=mlp_dim,
-            act=act,
-            norm_eps=1e-6,
-            pool="map",
-            class_token=False,
-            pre_norm=False,
-            patch_bias=True,
-            projection=False,
-        ),
-        text=TextConfig(
-            vocab_size=vocab,
-            context_length=context,
-            width=width,
-            layers=layers,
-            heads=heads,
-            mlp_dim=mlp_dim,
-            act=act,
-            norm_eps=1e-6,
-            causal=False,
-            pool="last",
-            eos_token_id=1,
-            projection=True,
-            projection_bias=True,
-        ),
+        vision=siglip_vision(image_size=image_size, patch_size=patch_size, **tower),
+        text=siglip_text(**tower),
         init_logit_scale=math.log(10.0),
         init_logit_bias=-10.0,
     )
 
 
 # fmt: off
-register_architecture("ViT-B-32")(lambda: _clip_vit(224, 32, 768, 12, 12, 512, 512, 8))
-register_architecture("ViT-B-16")(lambda: _clip_vit(224, 16, 768, 12, 12, 512, 512, 8))
-register_architecture("ViT-L-14")(lambda: _clip_vit(224, 14, 1024, 24, 16, 768, 768, 12))
-register_architecture("ViT-L-14-336")(lambda: _clip_vit(336, 14, 1024, 24, 16, 768, 768, 12))
+_B = dict(width=768, layers=12, heads=12, embed_dim=512, text_width=512, text_heads=8)
+_L = dict(width=1024, layers=24, heads=16, embed_dim=768, text_width=768, text_heads=12)
+register_architecture("ViT-B-32")(lambda: _clip_vit(image_size=224, patch_size=32, **_B))
+register_architecture("ViT-B-16")(lambda: _clip_vit(image_size=224, patch_size=16, **_B))
+register_architecture("ViT-L-14")(lambda: _clip_vit(image_size=224, patch_size=14, **_L))
+register_architecture("ViT-L-14-336")(lambda: _clip_vit(image_size=336, patch_size=14, **_L))
 # LAION/open_clip ViT-B-32 (FashionCLIP 2.0 starts from it) and BioCLIP's ViT-B-16 use exact GELU
-register_architecture("ViT-B-32-gelu")(lambda: _clip_vit(224, 32, 768, 12, 12, 512, 512, 8, act="gelu"))
-register_architecture("ViT-B-16-gelu")(lambda: _clip_vit(224, 16, 768, 12, 12, 512, 512, 8, act="gelu"))
-register_architecture("ViT-L-14-gelu")(lambda: _clip_vit(224, 14, 1024, 24, 16, 768, 768, 12, act="gelu"))
-register_architecture("RN50")(lambda: _clip_resnet(224, (3, 4, 6, 3), 64, 1024, 512, 8))
-register_architecture("RN101")(lambda: _clip_resnet(224, (3, 4, 23, 3), 64, 512, 512, 8))
-register_architecture("RN50x4")(lambda: _clip_resnet(288, (4, 6, 10, 6), 80, 640, 640, 10))
-register_architecture("RN50x16")(lambda: _clip_resnet(384, (6, 8, 18, 8), 96, 768, 768, 12))
-register_architecture("RN50x64")(lambda: _clip_resnet(448, (3, 15, 36, 10), 128, 1024, 1024, 16))
+register_architecture("ViT-B-32-gelu")(lambda: _clip_vit(image_size=224, patch_size=32, **_B, act="gelu"))
+register_architecture("ViT-B-16-gelu")(lambda: _clip_vit(image_size=224, patch_size=16, **_B, act="gelu"))
+register_architecture("ViT-L-14-gelu")(lambda: _clip_vit(image_size=224, patch_size=14, **_L, act="gelu"))
+register_architecture("RN50")(lambda: _clip_resnet(
+    image_size=224, stage_blocks=(3, 4, 6, 3), width=64, embed_dim=1024, text_width=512, text_heads=8))
+register_architecture("RN101")(lambda: _clip_resnet(
+    image_size=224, stage_blocks=(3, 4, 23, 3), width=64, embed_dim=512, text_width=512, text_heads=8))
+register_architecture("RN50x4")(lambda: _clip_resnet(
+    image_size=288, stage_blocks=(4, 6, 10, 6), width=80, embed_dim=640, text_width=640, text_heads=10))
+register_architecture("RN50x16")(lambda: _clip_resnet(
+    image_size=384, stage_blocks=(6, 8, 18, 8), width=96, embed_dim=768, text_width=768, text_heads=12))
+register_architecture("RN50x64")(lambda: _clip_resnet(
+    image_size=448, stage_blocks=(3, 15, 36, 10), width=128, embed_dim=1024, text_width=1024, text_heads=16))
 # transformers' SigLIP uses tanh GELU; open_clip's timm trunk uses exact GELU
-register_architecture("ViT-B-16-SigLIP")(lambda: _siglip(224, 16, 768, 12, 12, 3072))
-register_architecture("ViT-B-16-SigLIP-gelu")(lambda: _siglip(224, 16, 768, 12, 12, 3072, act="gelu"))
-register_architecture("ViT-L-16-SigLIP-256")(lambda: _siglip(256, 16, 1024, 24, 16, 4096))
+_SIGLIP_B = dict(patch_size=16, width=768, layers=12, heads=12, mlp_dim=3072)
+register_architecture("ViT-B-16-SigLIP")(lambda: _siglip(image_size=224, **_SIGLIP_B))
+register_architecture("ViT-B-16-SigLIP-gelu")(lambda: _siglip(image_size=224, **_SIGLIP_B, act="gelu"))
+register_architecture("ViT-L-16-SigLIP-256")(lambda: _siglip(
+    image_size=256, patch_size=16, width=1024, layers=24, heads=16, mlp_dim=4096))
 # Tiny configurations for tests and the offline demo
 register_architecture("tiny-vit")(lambda: DualEncoderConfig(
     embed_dim=32,
@@ -116,8 +166,52 @@ register_architecture("tiny-resnet")(lambda: DualEncoderConfig(
     vision=VisionConfig(kind="resnet", image_size=64, resnet_layers=(1, 1, 1, 1), resnet_width=8),
     text=TextConfig(context_length=77, width=48, layers=2, heads=4, mlp_dim=96),
 ))
-register_architecture("tiny-siglip")(lambda: _siglip(32, 8, 64, 2, 4, 128))
+register_architecture("tiny-siglip")(lambda: _siglip(image_size=32, patch_size=8, width=64, layers=2, heads=4,
+                                                     mlp_dim=128))
 # fmt: on
+
+
+# open_clip's model_configs name OpenAI's QuickGELU models "<name>-quickgelu" and use "<name>" for the same
+# sizes with exact GELU (open_clip's own LAION/DataComp training). polyclip's own names above follow
+# OpenAI's meaning ("ViT-B-32" is QuickGELU); `open_clip_architecture` reads open_clip's.
+_OPEN_CLIP_GELU_OF = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "RN50", "RN101", "RN50x4", "RN50x16",
+                      "RN50x64")  # fmt: skip
+_OPEN_CLIP_SIGLIP = {"ViT-B-16-SigLIP": "ViT-B-16-SigLIP-gelu"}  # open_clip's timm trunk: exact GELU
+# open_clip families polyclip has no implementation of, by a pattern of their model names
+UNSUPPORTED_OPEN_CLIP_FAMILIES = {
+    r"eva": "EVA01/EVA02 trunks",
+    r"coca": "CoCa (a captioning decoder on top of CLIP)",
+    r"convnext": "ConvNeXt image towers",
+    r"vitamin": "ViTamin image towers",
+    r"mobileclip|fastvit|mci": "MobileCLIP (FastViT / MCi) towers",
+    r"roberta|xlm|mt5|nllb|bert": "Hugging Face text towers",
+    r"siglip2": "SigLIP 2 models (Gemma tokenizer)",
+}
+
+
+def open_clip_architecture(name: str) -> DualEncoderConfig:
+    """The config open_clip's architecture ``name`` describes (``ViT-B-32`` is GELU there, ``ViT-B-32-quickgelu``
+    OpenAI's QuickGELU); polyclip's own names (``ViT-B-32-gelu``, ``tiny-vit``...) are accepted too."""
+    import re
+
+    base = name.removesuffix("-quickgelu")
+    if name.endswith("-quickgelu") and base in _OPEN_CLIP_GELU_OF:
+        return get_architecture(base)
+    if name in _OPEN_CLIP_GELU_OF:
+        config = get_architecture(name)
+        config.text.act = "gelu"
+        if config.vision.kind == "vit":
+            config.vision.act = "gelu"
+        return config
+    if name in _OPEN_CLIP_SIGLIP:
+        return get_architecture(_OPEN_CLIP_SIGLIP[name])
+    if name in _ARCHITECTURES:
+        return get_architecture(name)
+    for pattern, family in UNSUPPORTED_OPEN_CLIP_FAMILIES.items():
+        if re.search(pattern, name.lower()):
+            raise ConfigError(f"open_clip architecture {name!r}: {family} are not supported by polyclip")
+    known = [*_OPEN_CLIP_GELU_OF, *(f"{n}-quickgelu" for n in _OPEN_CLIP_GELU_OF), *_OPEN_CLIP_SIGLIP]
+    raise ConfigError(f"unknown architecture {name!r}; open_clip names polyclip reads: {', '.join(known)}")
 
 
 def list_architectures() -> list[str]:
