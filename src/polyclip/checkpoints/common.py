@@ -38,10 +38,15 @@ RenameTable = list[tuple[str, str]]
 
 _PLACEHOLDERS = {
     "i": r"\d+",  # a block index
+    "path": r".+",  # the rest of a name, for a sub-module renamed as a whole
     "w": r"weight|bias",
     "bn": r"weight|bias|running_mean|running_var|num_batches_tracked",  # a BatchNorm tensor
     "qkv": r"q|k|v",
     "fc": r"fc1|fc2",
+    # ClipBERT (BERT) names
+    "bert_qkv": r"query|key|value",
+    "text_emb": r"word|position|token_type",
+    "visual_emb": r"row_position|col_position|token_type",
 }
 TemplatePairs = list[tuple[str, str]]
 
@@ -70,23 +75,38 @@ def template_renames(pairs: TemplatePairs, reverse: bool = False) -> RenameTable
 
 
 def rename_keys(
-    state_dict: dict[str, torch.Tensor], table: RenameTable, ignore: tuple[str, ...] = ()
+    state_dict: dict[str, torch.Tensor],
+    table: RenameTable,
+    ignore: tuple[str, ...] = (),
+    unmatched: str = "keep",
+    target: str = "the target format",
+    error: type[CheckpointError] = CheckpointError,
 ) -> dict[str, torch.Tensor]:
-    """Rename every key through the table; keys matching ``ignore`` patterns are dropped.
+    """Rename every key through the table (first full match wins); keys matching ``ignore`` are dropped.
 
-    A key that no rule matches is kept under its own name, so strict loading reports it as unexpected.
+    ``unmatched="keep"`` (reading): a key that no rule matches keeps its own name, so strict loading
+    reports it as unexpected. ``unmatched="raise"`` (writing another format): every such key is listed in
+    one ``error``, as nothing may be written under a name the target does not know.
     """
+    if unmatched not in ("keep", "raise"):
+        raise ValueError(f"unmatched must be 'keep' or 'raise', got {unmatched!r}")
     compiled = [(re.compile(pattern), replacement) for pattern, replacement in table]
     ignored = [re.compile(pattern) for pattern in ignore]
     out: dict[str, torch.Tensor] = {}
+    missing: list[str] = []
     for key, value in state_dict.items():
         if any(p.fullmatch(key) for p in ignored):
             continue
         for pattern, replacement in compiled:
             if pattern.fullmatch(key):
-                key = pattern.sub(replacement, key)
+                out[pattern.sub(replacement, key)] = value
                 break
-        out[key] = value
+        else:
+            if unmatched == "raise":
+                missing.append(key)
+            out[key] = value
+    if missing:
+        raise error(f"these weights have no {target} name: {sorted(missing)}")
     return out
 
 

@@ -25,17 +25,16 @@ import torch
 from torch import nn
 
 from polyclip.checkpoints import hf
-from polyclip.checkpoints.common import CheckpointError, TemplatePairs, template_renames
+from polyclip.checkpoints.common import CheckpointError, rename_keys, template_renames
 from polyclip.checkpoints.open_clip import (
     CONFIG_NAME as OPEN_CLIP_CONFIG_NAME,
 )
 from polyclip.checkpoints.open_clip import (
-    OPENAI_MEAN,
-    OPENAI_STD,
     to_open_clip_config,
     to_open_clip_state_dict,
 )
 from polyclip.models import DualEncoderConfig
+from polyclip.transforms import CLIP_PREPROCESS, SIGLIP_PREPROCESS
 
 OPEN_CLIP_WEIGHTS_NAME = "open_clip_model.safetensors"
 
@@ -52,24 +51,6 @@ class ExportError(CheckpointError, NotImplementedError):
 HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 # transformers CLIP pools at the argmax token id when eos_token_id is 2 (configs saved before v4.31)
 _HF_ARGMAX_EOS = 2
-
-
-def _rename_all(
-    state_dict: dict[str, torch.Tensor], pairs: TemplatePairs, target: str
-) -> dict[str, torch.Tensor]:
-    """polyclip names -> the target's, through the reader's (target, polyclip) pairs in reverse."""
-    table = [(re.compile(p), replacement) for p, replacement in template_renames(pairs, reverse=True)]
-    out, unmapped = {}, []
-    for key, value in state_dict.items():
-        for pattern, replacement in table:
-            if pattern.fullmatch(key):
-                out[pattern.sub(replacement, key)] = value
-                break
-        else:
-            unmapped.append(key)
-    if unmapped:
-        raise ExportError(f"these weights have no {target} name: {sorted(unmapped)}")
-    return out
 
 
 def _split_qkv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -176,7 +157,14 @@ def hf_config(config: DualEncoderConfig, dtype: torch.dtype = torch.float32) -> 
 
 def to_hf_state_dict(state_dict: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
     """polyclip key names -> transformers' (the inverse of `polyclip.checkpoints.hf.convert_state_dict`)."""
-    out = _rename_all(_split_qkv(state_dict), hf.PAIRS[model_type], f"transformers {model_type}")
+    table = template_renames(hf.PAIRS[model_type], reverse=True)  # the reader's pairs, read backwards
+    out = rename_keys(
+        _split_qkv(state_dict),
+        table,
+        unmatched="raise",
+        target=f"transformers {model_type}",
+        error=ExportError,
+    )
     if model_type == "siglip":
         for name in ("logit_scale", "logit_bias"):
             out[name] = out[name].reshape(1)  # SiglipModel keeps shape (1,)
@@ -188,12 +176,9 @@ _RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL's codes, as trans
 
 def _preprocess_fields(preprocess_config: Any, model_type: str, image_size: int) -> dict[str, Any]:
     """PreprocessConfig fields from a PreprocessConfig, a dict of its fields, or the model's defaults."""
-    if preprocess_config is None:
-        if model_type == "siglip":
-            return dict(image_size=image_size, resize_mode="squash", interpolation="bicubic", crop_pct=1.0,
-                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), fill_color=0)  # fmt: skip
-        return dict(image_size=image_size, resize_mode="shortest", interpolation="bicubic", crop_pct=1.0,
-                    mean=OPENAI_MEAN, std=OPENAI_STD, fill_color=0)  # fmt: skip
+    if preprocess_config is None:  # the family's preset at the model's resolution
+        preset = SIGLIP_PREPROCESS if model_type == "siglip" else CLIP_PREPROCESS
+        return {**dataclasses.asdict(preset), "image_size": image_size}
     if dataclasses.is_dataclass(preprocess_config):
         fields = dataclasses.asdict(preprocess_config)
     elif isinstance(preprocess_config, dict):

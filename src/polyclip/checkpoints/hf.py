@@ -35,6 +35,7 @@ from polyclip.models import (
     siglip_text,
     siglip_vision,
 )
+from polyclip.transforms import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
 
 # transformers' defaults for what config.json may leave out
 _DEFAULTS = {
@@ -263,7 +264,7 @@ def preprocess_from_hf(folder: Path, model_type: str, image_size: int) -> dict[s
     )
     if model_type == "siglip":
         size = data.get("size", {}).get("height", image_size)
-        mean, std = data.get("image_mean", [0.5] * 3), data.get("image_std", [0.5] * 3)
+        mean, std = data.get("image_mean", SIGLIP_MEAN), data.get("image_std", SIGLIP_STD)
         return dict(
             image_size=size,
             resize_mode="squash",
@@ -276,8 +277,8 @@ def preprocess_from_hf(folder: Path, model_type: str, image_size: int) -> dict[s
     size = size.get("height", image_size) if isinstance(size, dict) else size
     shortest = data.get("size", {})
     shortest = shortest.get("shortest_edge", size) if isinstance(shortest, dict) else shortest
-    mean = data.get("image_mean", [0.48145466, 0.4578275, 0.40821073])
-    std = data.get("image_std", [0.26862954, 0.26130258, 0.27577711])
+    mean = data.get("image_mean", CLIP_MEAN)
+    std = data.get("image_std", CLIP_STD)
     return dict(
         image_size=size,
         resize_mode="shortest" if data.get("do_center_crop", True) else "squash",

@@ -39,13 +39,10 @@ from polyclip.models import (
     siglip_vision,
 )
 from polyclip.models.architectures import UNSUPPORTED_OPEN_CLIP_FAMILIES
+from polyclip.transforms import CLIP_MEAN, CLIP_STD
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-
-# OpenAI CLIP's image statistics (clip/clip.py), open_clip's defaults (constants.py)
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _block_pairs(theirs: str, ours: str) -> TemplatePairs:
@@ -179,33 +176,16 @@ def to_open_clip_state_dict(
 ) -> dict[str, torch.Tensor]:
     """polyclip key names -> open_clip key names (the inverse of `convert_state_dict`)."""
     prefix = "text." if custom_text else ""
-    table = [
-        (re.compile(pattern), replacement)
-        for pattern, replacement in template_renames(
-            VISION_PAIRS[layout] + text_pairs(prefix) + SCALE_PAIRS, reverse=True
-        )
-    ]
-    bare_text_projection = "text.proj.bias" not in state_dict
-    out: dict[str, torch.Tensor] = {}
-    unmapped = []
-    for key, value in state_dict.items():
-        if key == "text.proj.weight":
-            # a bare (width, embed) matrix as open_clip builds it without bias; an nn.Linear with one
-            if bare_text_projection:
-                out[f"{prefix}text_projection"] = value.T.contiguous()
-            else:
-                out[f"{prefix}text_projection.weight"] = value
-            continue
-        for pattern, replacement in table:
-            if pattern.fullmatch(key):
-                out[pattern.sub(replacement, key)] = value
-                break
+    table = template_renames(VISION_PAIRS[layout] + text_pairs(prefix) + SCALE_PAIRS, reverse=True)
+    state_dict = dict(state_dict)
+    projection = state_dict.pop("text.proj.weight", None)
+    out = rename_keys(state_dict, table, unmatched="raise", target=f"open_clip ({layout!r} layout)")
+    if projection is not None:
+        # a bare (width, embed) matrix as open_clip builds it without bias; an nn.Linear with one
+        if "text.proj.bias" not in state_dict:
+            out[f"{prefix}text_projection"] = projection.T.contiguous()
         else:
-            unmapped.append(key)
-    if unmapped:
-        raise CheckpointError(
-            f"these weights have no open_clip name in the {layout!r} layout: {sorted(unmapped)}"
-        )
+            out[f"{prefix}text_projection.weight"] = projection
     if "visual.proj" in out:
         out["visual.proj"] = out["visual.proj"].T.contiguous()
     if layout == "timm":
@@ -416,8 +396,8 @@ def preprocess_from_open_clip(preprocess_cfg: dict[str, Any], image_size: int) -
         resize_mode=resize_mode,
         interpolation=interpolation,
         crop_pct=1.0,  # open_clip resizes straight to the crop size
-        mean=tuple(preprocess_cfg.get("mean", OPENAI_MEAN)),
-        std=tuple(preprocess_cfg.get("std", OPENAI_STD)),
+        mean=tuple(preprocess_cfg.get("mean", CLIP_MEAN)),  # open_clip's default: OpenAI's statistics
+        std=tuple(preprocess_cfg.get("std", CLIP_STD)),
         fill_color=int(preprocess_cfg.get("fill_color", 0)),
         convention="torchvision",  # open_clip's transforms are torchvision's on PIL images
     )

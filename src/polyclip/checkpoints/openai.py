@@ -26,8 +26,9 @@ import torch
 
 from polyclip.checkpoints.common import Checkpoint, CheckpointError, read_weights
 from polyclip.checkpoints.loading import is_torchscript_archive
-from polyclip.checkpoints.open_clip import OPENAI_MEAN, OPENAI_STD, convert_state_dict, unwrap_state_dict
+from polyclip.checkpoints.open_clip import convert_state_dict, unwrap_state_dict
 from polyclip.models import ConfigError, DualEncoderConfig, TextConfig, VisionConfig
+from polyclip.transforms import CLIP_MEAN, CLIP_STD
 
 # Entries of OpenAI's archives that record the config, not weights (clip/model.py build_model deletes them).
 CONFIG_ENTRIES = ("input_resolution", "context_length", "vocab_size")
@@ -364,7 +365,7 @@ def clip_preprocess(image_size: int) -> dict[str, Any]:
     """OpenAI's evaluation transform (clip/clip.py _transform): short side bicubic, centre crop."""
     return dict(
         image_size=image_size, resize_mode="shortest", interpolation="bicubic", crop_pct=1.0,
-        mean=OPENAI_MEAN, std=OPENAI_STD,
+        mean=CLIP_MEAN, std=CLIP_STD,
     )  # fmt: skip
 
 

@@ -30,10 +30,12 @@ import torch
 from polyclip.checkpoints.common import (
     CheckpointError,
     RenameTable,
+    TemplatePairs,
     fuse_qkv,
     load_strict,
     read_weights,
     rename_keys,
+    template_renames,
 )
 from polyclip.domains.clipbert.config import ClipBertConfig, clipbert_config
 from polyclip.domains.clipbert.model import ClipBert
@@ -42,33 +44,36 @@ CONFIG_FILE = "clipbert_config.json"
 WEIGHTS_FILE = "model.safetensors"
 VOCAB_FILE = "vocab.txt"
 
-_LAYER = r"transformer\.bert\.encoder\.layer\.(\d+)"
+_LAYER = "transformer.bert.encoder.layer.{i}"
 
-# reference name -> polyclip name (re.fullmatch, first match wins)
-REFERENCE_RENAMES: RenameTable = [
-    (r"cnn\.feature\.backbone\.(.+)", r"vision.backbone.\1"),
-    (r"cnn\.grid_encoder\.0\.weight", r"vision.grid_encoder.0.weight"),
+# (reference name, polyclip name) templates: read forwards, written back (to_reference_state_dict) in reverse
+REFERENCE_PAIRS: TemplatePairs = [
+    ("cnn.feature.backbone.{path}", "vision.backbone.{path}"),
+    ("cnn.grid_encoder.0.weight", "vision.grid_encoder.0.weight"),
     (
-        r"transformer\.bert\.embeddings\.(word|position|token_type)_embeddings\.weight",
-        r"encoder.text_embeddings.\1_embeddings.weight",
+        "transformer.bert.embeddings.{text_emb}_embeddings.weight",
+        "encoder.text_embeddings.{text_emb}_embeddings.weight",
     ),
-    (r"transformer\.bert\.embeddings\.LayerNorm\.(weight|bias)", r"encoder.text_embeddings.norm.\1"),
+    ("transformer.bert.embeddings.LayerNorm.{w}", "encoder.text_embeddings.norm.{w}"),
     (
-        r"transformer\.bert\.visual_embeddings\.(row_position|col_position|token_type)_embeddings\.weight",
-        r"encoder.visual_embeddings.\1_embeddings.weight",
+        "transformer.bert.visual_embeddings.{visual_emb}_embeddings.weight",
+        "encoder.visual_embeddings.{visual_emb}_embeddings.weight",
     ),
-    (r"transformer\.bert\.visual_embeddings\.LayerNorm\.(weight|bias)", r"encoder.visual_embeddings.norm.\1"),
-    (_LAYER + r"\.attention\.self\.(query|key|value)\.(weight|bias)", r"encoder.layers.\1.attn.\2.\3"),
-    (_LAYER + r"\.attention\.output\.dense\.(weight|bias)", r"encoder.layers.\1.attn.proj.\2"),
-    (_LAYER + r"\.attention\.output\.LayerNorm\.(weight|bias)", r"encoder.layers.\1.attn_norm.\2"),
-    (_LAYER + r"\.intermediate\.dense\.(weight|bias)", r"encoder.layers.\1.mlp.fc1.\2"),
-    (_LAYER + r"\.output\.dense\.(weight|bias)", r"encoder.layers.\1.mlp.fc2.\2"),
-    (_LAYER + r"\.output\.LayerNorm\.(weight|bias)", r"encoder.layers.\1.mlp_norm.\2"),
-    (r"transformer\.bert\.pooler\.dense\.(weight|bias)", r"encoder.pooler.\1"),
-    (r"transformer\.cls\.seq_relationship\.(weight|bias)", r"head.fc.\1"),
-    (r"transformer\.classifier\.0\.(weight|bias)", r"head.fc1.\1"),
-    (r"transformer\.classifier\.2\.(weight|bias)", r"head.fc2.\1"),
+    ("transformer.bert.visual_embeddings.LayerNorm.{w}", "encoder.visual_embeddings.norm.{w}"),
+    # query/key/value keep their names here and are fused into attn.qkv after renaming (split before writing)
+    (f"{_LAYER}.attention.self.{{bert_qkv}}.{{w}}", "encoder.layers.{i}.attn.{bert_qkv}.{w}"),
+    (f"{_LAYER}.attention.output.dense.{{w}}", "encoder.layers.{i}.attn.proj.{w}"),
+    (f"{_LAYER}.attention.output.LayerNorm.{{w}}", "encoder.layers.{i}.attn_norm.{w}"),
+    (f"{_LAYER}.intermediate.dense.{{w}}", "encoder.layers.{i}.mlp.fc1.{w}"),
+    (f"{_LAYER}.output.dense.{{w}}", "encoder.layers.{i}.mlp.fc2.{w}"),
+    (f"{_LAYER}.output.LayerNorm.{{w}}", "encoder.layers.{i}.mlp_norm.{w}"),
+    ("transformer.bert.pooler.dense.{w}", "encoder.pooler.{w}"),
+    ("transformer.cls.seq_relationship.{w}", "head.fc.{w}"),
+    ("transformer.classifier.0.{w}", "head.fc1.{w}"),
+    ("transformer.classifier.2.{w}", "head.fc2.{w}"),
 ]
+REFERENCE_RENAMES: RenameTable = template_renames(REFERENCE_PAIRS)
+_TO_REFERENCE: RenameTable = template_renames(REFERENCE_PAIRS, reverse=True)
 
 # Reference tensors that ClipBERT's forward pass never reads (see the module docstring).
 REFERENCE_UNUSED: tuple[str, ...] = (
@@ -126,35 +131,6 @@ def to_reference_state_dict(model: ClipBert) -> dict[str, torch.Tensor]:
     load the result with its non-strict ``load_state_dict_with_mismatch``.
     """
     out: dict[str, torch.Tensor] = {}
-    inverse = [
-        (r"vision\.backbone\.(.+)", r"cnn.feature.backbone.\1"),
-        (r"vision\.grid_encoder\.0\.weight", r"cnn.grid_encoder.0.weight"),
-        (r"encoder\.text_embeddings\.norm\.(weight|bias)", r"transformer.bert.embeddings.LayerNorm.\1"),
-        (r"encoder\.text_embeddings\.(.+)", r"transformer.bert.embeddings.\1"),
-        (
-            r"encoder\.visual_embeddings\.norm\.(weight|bias)",
-            r"transformer.bert.visual_embeddings.LayerNorm.\1",
-        ),
-        (r"encoder\.visual_embeddings\.(.+)", r"transformer.bert.visual_embeddings.\1"),
-        (
-            r"encoder\.layers\.(\d+)\.attn\.proj\.(.+)",
-            r"transformer.bert.encoder.layer.\1.attention.output.dense.\2",
-        ),
-        (
-            r"encoder\.layers\.(\d+)\.attn_norm\.(.+)",
-            r"transformer.bert.encoder.layer.\1.attention.output.LayerNorm.\2",
-        ),
-        (
-            r"encoder\.layers\.(\d+)\.mlp\.fc1\.(.+)",
-            r"transformer.bert.encoder.layer.\1.intermediate.dense.\2",
-        ),
-        (r"encoder\.layers\.(\d+)\.mlp\.fc2\.(.+)", r"transformer.bert.encoder.layer.\1.output.dense.\2"),
-        (r"encoder\.layers\.(\d+)\.mlp_norm\.(.+)", r"transformer.bert.encoder.layer.\1.output.LayerNorm.\2"),
-        (r"encoder\.pooler\.(.+)", r"transformer.bert.pooler.dense.\1"),
-        (r"head\.fc\.(.+)", r"transformer.cls.seq_relationship.\1"),
-        (r"head\.fc1\.(.+)", r"transformer.classifier.0.\1"),
-        (r"head\.fc2\.(.+)", r"transformer.classifier.2.\1"),
-    ]
     D = model.config.text.hidden_size
     for key, value in model.state_dict().items():
         value = value.detach().clone()
@@ -164,7 +140,7 @@ def to_reference_state_dict(model: ClipBert) -> dict[str, torch.Tensor]:
             for name, part in zip(("query", "key", "value"), value.split(D, dim=0)):
                 out[f"transformer.bert.encoder.layer.{layer}.attention.self.{name}.{kind}"] = part.clone()
             continue
-        out.update(rename_keys({key: value}, inverse))
+        out.update(rename_keys({key: value}, _TO_REFERENCE, unmatched="raise", target="ClipBERT reference"))
     return out
 
 
