@@ -85,11 +85,16 @@ def load(
     elif entry is not None and checkpoint.format == "openai":
         _apply_architecture(checkpoint, get_architecture(entry.architecture), entry.architecture)
     elif _activation_assumed(checkpoint, path):
+        name = _matching_open_clip_name(checkpoint.config)
+        choices = (
+            f"architecture='{name}-quickgelu' (OpenAI's, as assumed) or '{name}' (open_clip's GELU)"
+            if name
+            else "architecture= (an open_clip name, or a DualEncoderConfig)"
+        )
         message = (
             f"{path} is a plain state dict, which does not say its activation: read as OpenAI's QuickGELU. "
-            "open_clip models trained with exact GELU (open_clip's ViT-B-32, ViT-B-16, ViT-L-14, RN50... "
-            "without '-quickgelu') give slightly wrong embeddings so; name the architecture: "
-            "polyclip.load(path, architecture='ViT-B-32') or --arch ViT-B-32"
+            "open_clip models trained with exact GELU (its ViT-B-32, ViT-B-16, ViT-L-14, RN50... without "
+            f"'-quickgelu') come out slightly wrong so; say which with {choices} (--arch on the command line)"
         )
         checkpoint.notes.append(message)
         warnings.warn(message, stacklevel=2)
@@ -224,6 +229,13 @@ def open_clip_architecture_or_error(name: str) -> DualEncoderConfig:
         return open_clip_architecture(name)
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
+
+
+def _matching_open_clip_name(config: DualEncoderConfig) -> str | None:
+    """The open_clip architecture whose sizes the checkpoint has (e.g. "ViT-B-32"), if one does."""
+    from polyclip.models.architectures import OPEN_CLIP_GELU_OF
+
+    return next((n for n in OPEN_CLIP_GELU_OF if not _architecture_diffs(get_architecture(n), config)), None)
 
 
 def _activation_assumed(checkpoint, path: Path) -> bool:

@@ -389,6 +389,8 @@ def preprocess_from_open_clip(preprocess_cfg: dict[str, Any], image_size: int) -
     if resize_mode not in ("shortest", "longest", "squash"):
         raise CheckpointError(f"open_clip resize_mode {resize_mode!r} is not supported")
     interpolation = preprocess_cfg.get("interpolation", "bicubic")
+    if interpolation == "random":  # a training setting; open_clip evaluates it with bicubic
+        interpolation = "bicubic"
     if interpolation not in ("bicubic", "bilinear", "nearest"):
         raise CheckpointError(f"open_clip interpolation {interpolation!r} is not supported for evaluation")
     return dict(

@@ -174,7 +174,7 @@ register_architecture("tiny-siglip")(lambda: _siglip(image_size=32, patch_size=8
 # open_clip's model_configs name OpenAI's QuickGELU models "<name>-quickgelu" and use "<name>" for the same
 # sizes with exact GELU (open_clip's own LAION/DataComp training). polyclip's own names above follow
 # OpenAI's meaning ("ViT-B-32" is QuickGELU); `open_clip_architecture` reads open_clip's.
-_OPEN_CLIP_GELU_OF = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "RN50", "RN101", "RN50x4", "RN50x16",
+OPEN_CLIP_GELU_OF = ("ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336", "RN50", "RN101", "RN50x4", "RN50x16",
                       "RN50x64")  # fmt: skip
 _OPEN_CLIP_SIGLIP = {"ViT-B-16-SigLIP": "ViT-B-16-SigLIP-gelu"}  # open_clip's timm trunk: exact GELU
 # open_clip families polyclip has no implementation of, by a pattern of their model names
@@ -195,9 +195,9 @@ def open_clip_architecture(name: str) -> DualEncoderConfig:
     import re
 
     base = name.removesuffix("-quickgelu")
-    if name.endswith("-quickgelu") and base in _OPEN_CLIP_GELU_OF:
+    if name.endswith("-quickgelu") and base in OPEN_CLIP_GELU_OF:
         return get_architecture(base)
-    if name in _OPEN_CLIP_GELU_OF:
+    if name in OPEN_CLIP_GELU_OF:
         config = get_architecture(name)
         config.text.act = "gelu"
         if config.vision.kind == "vit":
@@ -210,7 +210,7 @@ def open_clip_architecture(name: str) -> DualEncoderConfig:
     for pattern, family in UNSUPPORTED_OPEN_CLIP_FAMILIES.items():
         if re.search(pattern, name.lower()):
             raise ConfigError(f"open_clip architecture {name!r}: {family} are not supported by polyclip")
-    known = [*_OPEN_CLIP_GELU_OF, *(f"{n}-quickgelu" for n in _OPEN_CLIP_GELU_OF), *_OPEN_CLIP_SIGLIP]
+    known = [*OPEN_CLIP_GELU_OF, *(f"{n}-quickgelu" for n in OPEN_CLIP_GELU_OF), *_OPEN_CLIP_SIGLIP]
     raise ConfigError(f"unknown architecture {name!r}; open_clip names polyclip reads: {', '.join(known)}")
 
 
