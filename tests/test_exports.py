@@ -155,3 +155,26 @@ def test_transformers_zero_shot_pipeline_scores_as_polyclip(tmp_path: Path) -> N
         out = model(preprocess.batch(IMAGES[:1]), ours_tokenizer(prompts))
     ours = torch.sigmoid(out.logits_per_image[0])  # SigLIP's pipeline scores each label by its sigmoid
     torch.testing.assert_close(torch.tensor([scores[label] for label in labels]), ours, atol=1e-5, rtol=1e-4)
+
+
+def test_cli_convert_writes_the_siglip_tokenizer_transformers_reads(tmp_path: Path) -> None:
+    """``polyclip convert --to hf`` of a SigLIP model: the processor returns no attention mask and the
+    text embeddings of ``SiglipModel(**inputs)`` are polyclip's."""
+    from typer.testing import CliRunner
+
+    from polyclip.cli import app
+
+    model, tokenizer = _tiny("siglip")
+    source = polyclip.save(model, polyclip.transforms.build_preprocess("siglip"), tokenizer, tmp_path / "native")
+    out = tmp_path / "hf"
+    result = CliRunner().invoke(app, ["convert", str(source), "--out", str(out), "--to", "hf"])
+    assert result.exit_code == 0, result.output
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    inputs = processor(text=TEXTS, padding="max_length", return_tensors="pt")
+    assert set(inputs) == {"input_ids"}
+    reference = transformers.SiglipModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        expected = reference.get_text_features(**inputs)
+        expected = getattr(expected, "pooler_output", expected)
+        ours = model.encode_text(tokenizer(TEXTS))
+    torch.testing.assert_close(expected, ours, atol=1e-5, rtol=0)
