@@ -165,7 +165,9 @@ def test_cli_convert_writes_the_siglip_tokenizer_transformers_reads(tmp_path: Pa
     from polyclip.cli import app
 
     model, tokenizer = _tiny("siglip")
-    source = polyclip.save(model, polyclip.transforms.build_preprocess("siglip"), tokenizer, tmp_path / "native")
+    source = polyclip.save(
+        model, polyclip.transforms.build_preprocess("siglip"), tokenizer, tmp_path / "native"
+    )
     out = tmp_path / "hf"
     result = CliRunner().invoke(app, ["convert", str(source), "--out", str(out), "--to", "hf"])
     assert result.exit_code == 0, result.output
