@@ -106,6 +106,8 @@ def test_a_siglip_export_without_its_tokenizer_is_refused() -> None:
 # transformers, as users call it
 
 transformers = import_reference("transformers", "pip install transformers")
+# transformers' CLIP tokenizer does not undo HTML entities ("&amp;") as OpenAI's and polyclip's do
+HF_TEXTS = [text for text in TEXTS if "&" not in text]
 
 
 def _tiny(name: str):
@@ -129,14 +131,14 @@ def test_transformers_reads_the_export_as_polyclip(tmp_path: Path, name: str) ->
     processor = transformers.AutoProcessor.from_pretrained(folder)
     images = [Image.open(path) for path in IMAGES]
     padding = "max_length" if name == "siglip" else True  # as each model's card calls its processor
-    inputs = processor(text=TEXTS, images=images, padding=padding, return_tensors="pt")
+    inputs = processor(text=HF_TEXTS, images=images, padding=padding, return_tensors="pt")
     if name == "siglip":
         assert "attention_mask" not in inputs  # SigLIP was trained and is evaluated without one
     cls = transformers.SiglipModel if name == "siglip" else transformers.CLIPModel
     reference = cls.from_pretrained(folder).eval()
     with torch.no_grad():
         out = reference(**inputs)
-        text = model.encode_text(ours_tokenizer(TEXTS), normalize=True)
+        text = model.encode_text(ours_tokenizer(HF_TEXTS), normalize=True)
         image = model.encode_image(preprocess.batch(IMAGES), normalize=True)
     torch.testing.assert_close(out.text_embeds, text, atol=1e-5, rtol=0)
     torch.testing.assert_close(out.image_embeds, image, atol=1e-5, rtol=0)
@@ -172,11 +174,11 @@ def test_cli_convert_writes_the_siglip_tokenizer_transformers_reads(tmp_path: Pa
     result = CliRunner().invoke(app, ["convert", str(source), "--out", str(out), "--to", "hf"])
     assert result.exit_code == 0, result.output
     processor = transformers.AutoProcessor.from_pretrained(out)
-    inputs = processor(text=TEXTS, padding="max_length", return_tensors="pt")
+    inputs = processor(text=HF_TEXTS, padding="max_length", return_tensors="pt")
     assert set(inputs) == {"input_ids"}
     reference = transformers.SiglipModel.from_pretrained(out).eval()
     with torch.no_grad():
         expected = reference.get_text_features(**inputs)
         expected = getattr(expected, "pooler_output", expected)
-        ours = model.encode_text(tokenizer(TEXTS))
+        ours = model.encode_text(tokenizer(HF_TEXTS))
     torch.testing.assert_close(expected, ours, atol=1e-5, rtol=0)

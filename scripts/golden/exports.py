@@ -31,7 +31,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "tests" / "golden" / "exports"
 PHOTOS = ROOT / "tests" / "golden" / "images"
-TEXTS = ["a photo of a cat", "A DOG, on the street!", "red car near the sea", "Hello, World! It's 3:45 p.m."]
+TEXTS = [
+    "a photo of a cat",
+    "A DOG, on the street!",
+    "red car near the sea",
+    "Hello, World! It's 3:45 p.m.",
+    "</s> <unk> done",  # open_clip's cleaning strips the punctuation of literal special tokens first
+    "snake_case &amp; caf\u00e9",
+]
 IMAGES = ["photo_639x427.jpg", "rgba_67x45.png"]
 SIGLIP_TOKENIZER_NAME = "polyclip-tests/tiny-spiece"  # hf-hub name recorded; local-dir loading ignores it
 _WORDS = (

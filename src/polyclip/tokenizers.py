@@ -374,8 +374,31 @@ def canonicalize_siglip_text(text: str, lower_case: bool = True) -> str:
     return _ASCII_WHITESPACE_RUNS.sub(" ", text).strip()
 
 
+def _basic_clean(text: str) -> str:
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def _open_clip_canonicalize(text: str) -> str:
+    """open_clip's ``canonicalize_text`` (from big_vision): "_" to a space, ASCII punctuation removed, lower
+    case, whitespace collapsed."""
+    text = text.replace("_", " ").translate(_PUNCTUATION_TABLE).lower()
+    return " ".join(text.split()).strip()
+
+
+# open_clip's HFTokenizer cleans text before the Hugging Face tokenizer sees it (tokenizer.py, get_clean_fn)
+OPEN_CLIP_CLEANERS = {
+    "canonicalize": lambda text: _open_clip_canonicalize(_basic_clean(text)),
+    "lower": lambda text: " ".join(_basic_clean(text).split()).strip().lower(),
+    "whitespace": lambda text: " ".join(_basic_clean(text).split()).strip(),
+}
+
+
 class SiglipTokenizer:
     """SigLIP's tokenizer: SentencePiece ids of the canonicalised text + ``</s>``, padded with ``</s>``.
+
+    ``clean`` names open_clip's cleaning of the text before the tokenizer proper (a key of
+    OPEN_CLIP_CLEANERS), as open_clip folders record it (``text_cfg.tokenizer_kwargs.clean``); with
+    "canonicalize" a literal ``</s>`` loses its punctuation before it could be read as the token.
 
     Text longer than ``context_length`` keeps its first ``context_length - 1`` pieces and then ``</s>``.
     As in transformers' slow tokenizer, literal ``</s>`` and ``<unk>`` in the text become their ids.
@@ -388,8 +411,12 @@ class SiglipTokenizer:
         spiece_model_path: str | Path,
         context_length: int = 64,
         do_lower_case: bool = True,  # every released SigLIP checkpoint lower-cases
+        clean: str | None = None,
     ) -> None:
         self._context_length = _checked_context_length(context_length, minimum=1)
+        if clean is not None and clean not in OPEN_CLIP_CLEANERS:
+            raise TokenizerError(f"clean must be one of {sorted(OPEN_CLIP_CLEANERS)} or absent, got {clean!r}")
+        self._clean = clean
         if not isinstance(do_lower_case, bool):
             raise TokenizerError(f"do_lower_case must be true or false, got {do_lower_case!r}")
         self._do_lower_case = do_lower_case
@@ -424,10 +451,13 @@ class SiglipTokenizer:
             "spiece_model_path": self._spiece_model_path,
             "context_length": self._context_length,
             "do_lower_case": self._do_lower_case,
+            "clean": self._clean,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["spiece_model_path"], state["context_length"], state["do_lower_case"])
+        self.__init__(
+            state["spiece_model_path"], state["context_length"], state["do_lower_case"], state.get("clean")
+        )
 
     def __repr__(self) -> str:
         return (
@@ -468,6 +498,8 @@ class SiglipTokenizer:
         }
         if not self._do_lower_case:
             config["do_lower_case"] = False
+        if self._clean is not None:
+            config["clean"] = self._clean
         return config
 
     def save(self, directory: str | Path) -> dict[str, Any]:
@@ -492,6 +524,8 @@ class SiglipTokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        if self._clean is not None:
+            texts = [OPEN_CLIP_CLEANERS[self._clean](text) for text in texts]
         # transformers marks the start of the text with "▁" (and turns any "▁" inside it into a space).
         marked = [_SPIECE_UNDERLINE + text.replace(_SPIECE_UNDERLINE, " ") for text in texts]
         chunked = [[chunk for chunk in _SIGLIP_SPECIAL_SPLIT.split(text) if chunk] for text in marked]
@@ -579,7 +613,7 @@ class UnavailableTokenizer:
 
 _CONFIG_KEYS = {
     "clip": {"type", "context_length", "bpe_path"},
-    "siglip": {"type", "context_length", "spiece_model", "do_lower_case"},
+    "siglip": {"type", "context_length", "spiece_model", "do_lower_case", "clean"},
 }
 
 
@@ -616,6 +650,7 @@ def build_tokenizer(
         _resolve(config["spiece_model"], model_dir, "spiece_model"),
         context_length=config.get("context_length", 64),
         do_lower_case=config.get("do_lower_case", True),
+        clean=config.get("clean"),
     )
 
 

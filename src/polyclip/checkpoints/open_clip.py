@@ -437,11 +437,21 @@ def tokenizer_from_open_clip(
     else:
         spiece = f"{HUB_FILE_PREFIX}{name.removeprefix(HUB_FILE_PREFIX)}/{SPIECE_FILE}"
         notes.append(f"the folder has no {SPIECE_FILE}: the SentencePiece model is the hub repo {name!r}'s")
-    clean = (text_cfg.get("tokenizer_kwargs") or {}).get("clean", "canonicalize")
-    return {
-        "type": "siglip", "context_length": context_length, "spiece_model": spiece,
-        "do_lower_case": clean == "canonicalize",  # open_clip's canonicalize lower-cases and strips punctuation
-    }  # fmt: skip
+    # open_clip's HFTokenizer cleans the text first ("whitespace" unless tokenizer_kwargs say otherwise);
+    # the tokenizer's own lower-casing is its tokenizer_config.json's
+    clean = (text_cfg.get("tokenizer_kwargs") or {}).get("clean", "whitespace")
+    lower = True
+    if local and (folder / "tokenizer_config.json").is_file():
+        try:
+            lower = bool(
+                json.loads((folder / "tokenizer_config.json").read_text()).get("do_lower_case", True)
+            )
+        except (OSError, json.JSONDecodeError, AttributeError) as error:
+            raise CheckpointError(f"cannot read {folder / 'tokenizer_config.json'}: {error}") from error
+    config = {"type": "siglip", "context_length": context_length, "spiece_model": spiece, "clean": clean}
+    if not lower:
+        config["do_lower_case"] = False
+    return config
 
 
 def find_weights(folder: Path) -> Path:
