@@ -392,7 +392,12 @@ def test_open_clip_siglip_timm_trunk_matches_transformers(tmp_path, tiny_timm_fa
         tmp_path, siglip_open_clip_cfg(tiny_timm_family), hf_siglip_to_open_clip(reference.state_dict())
     )
     checkpoint = read_checkpoint(tmp_path)
-    assert checkpoint.tokenizer["type"] == "siglip" and checkpoint.tokenizer["do_lower_case"] is True
+    tokenizer = checkpoint.tokenizer  # open_clip's SigLIP configs clean with "canonicalize" (lower case)
+    assert tokenizer["type"] == "siglip" and tokenizer.get("do_lower_case", True) is True
+    assert (
+        tokenizer["clean"] == "canonicalize"
+        and tokenizer["spiece_model"] == "hf-hub:timm/ViT-B-16-SigLIP/spiece.model"
+    )
     assert any("timm/ViT-B-16-SigLIP" in note for note in checkpoint.notes)
     assert_matches_hf(build_model(checkpoint), reference, pixels(32), siglip_token_ids(16))
 
