@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from polyclip.checkpoints import CheckpointError, build_model, read_checkpoint
+from polyclip.checkpoints import CheckpointError, build_model, detect_format, read_checkpoint
 from polyclip.checkpoints.native import write_native
 from polyclip.hub import RegistryEntry, resolve
 from polyclip.models import DualEncoder, DualEncoderConfig, create_model, get_architecture
@@ -45,7 +45,12 @@ def load(
     cores, ``dtype="bf16"``): see :mod:`polyclip.quantization`.
     """
     path, entry, entry_format = resolve(name_or_path)
-    checkpoint = read_checkpoint(path, format or entry_format)
+    format = format or entry_format or detect_format(path)
+    if format == "onnx":  # graphs, not weights: run through onnxruntime
+        from polyclip.onnx.runtime import load_onnx
+
+        return load_onnx(path, device, dtype, compile, quantize)
+    checkpoint = read_checkpoint(path, format)
     if entry is not None:
         _check_architecture(entry, checkpoint.config)
     folder = path if path.is_dir() else path.parent
