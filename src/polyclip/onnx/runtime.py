@@ -46,6 +46,9 @@ def cpu_session(path: str | Path, threads: int | None = None):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: no per-node placement notes
+    # no busy-waiting between runs: the process also runs torch (decoding, other models), whose threads
+    # a spinning pool starves
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:
