@@ -221,3 +221,28 @@ def test_inference_only_and_clear_errors(exports, tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
     with pytest.raises(OnnxFolderError, match="already holds"):
         export_onnx(model, exports["resnet"][1], exports["resnet"][2], folder)
+
+
+def test_index_build_and_serve_through_onnx(exports, tmp_path):
+    pytest.importorskip("faiss")
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from polyclip.serve import ServeConfig, create_app
+
+    _, _, _, folder = exports["vit"]
+    paths = _shapes(tmp_path / "images", 6)
+    out = tmp_path / "index"
+    built = runner.invoke(
+        app, ["index", "build", str(tmp_path / "images"), "--model", str(folder), "--out", str(out), "-q"]
+    )
+    assert built.exit_code == 0, built.output
+    found = runner.invoke(app, ["index", "search", str(out), "--image", str(paths[3]), "-k", "1", "--json"])
+    assert found.exit_code == 0, found.output
+    hit = json.loads(found.output)[0]
+    assert hit["path"] == str(paths[3].resolve()) and hit["score"] == pytest.approx(1.0, abs=1e-4)
+    # the service loads the index's own model (the export) by the source the index recorded
+    with TestClient(create_app(out, ServeConfig())) as client:
+        response = client.post("/search", json={"text": "a white square", "k": 3})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 3
