@@ -60,14 +60,19 @@ def main() -> None:
     parser.add_argument("--arch", default="ViT-B-32")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="both sides")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=torch.get_num_threads(),
+        help="both sides (torch threads, onnxruntime intra-op threads)",
+    )
     args = parser.parse_args()
 
     import onnxruntime
 
     import polyclip
     from polyclip.factory import default_preprocess
-    from polyclip.onnx import export_onnx
+    from polyclip.onnx import OnnxDualEncoder, export_onnx
     from polyclip.tokenizers import build_tokenizer
     from polyclip.transforms import build_preprocess
 
@@ -80,7 +85,7 @@ def main() -> None:
         start = time.perf_counter()
         export_onnx(model, preprocess, tokenizer, f"{folder}/onnx")
         export_s = time.perf_counter() - start
-        exported, _, _ = polyclip.load(f"{folder}/onnx")
+        exported = OnnxDualEncoder(f"{folder}/onnx", threads=args.threads)  # what polyclip.load builds
         print(
             f"{args.arch}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
             f"{args.threads} threads; export took {export_s:.1f} s"

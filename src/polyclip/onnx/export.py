@@ -275,7 +275,7 @@ def export_onnx(
         text_files = _export_graph(
             TextGraph(model), tokens[:2].clone(), stage / "text.onnx", TEXT_INPUT, TEXT_OUTPUT, dims, opset
         )
-        check_tokens = tokens[:, : min(context, 24)] if causal else tokens  # another length than exported
+        check_tokens = (tokens[:, : min(context, 24)] if causal else tokens).clone()  # another length
         if causal:
             check_tokens[:, -1] = tokens.max()  # every row keeps an end token (the largest id) inside the cut
         with torch.no_grad():
