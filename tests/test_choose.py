@@ -55,9 +55,14 @@ def _config() -> DualEncoderConfig:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_children(monkeypatch):
-    """Each candidate is measured in a child process; one thread each keeps the tiny models' runs short."""
+def _one_thread(monkeypatch):
+    """One torch thread here and in the candidates' processes: on shared cores two threads of a tiny
+    model mostly wait for each other."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +85,7 @@ def candidates(tmp_path_factory):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: two threads only contend on a shared machine
+    torch.set_num_threads(1)  # module-scoped: the autouse one-thread fixture does not cover it
     for _ in range(30):
         batch = torch.from_numpy(rng.choice(96, 24, replace=False))
         logits = model(pixels[batch], prompts).logits_per_image  # (24, 3)
@@ -126,7 +131,9 @@ def test_choose_ranks_the_informative_model_first_and_reports_what_it_could_not_
 
 def test_few_shot_task_uses_the_few_shot_protocol(candidates):
     trained, _, sample = candidates
-    result = choose(sample, "fewshot", [str(trained)], ChooseConfig(shots=3, folds=2, batch_size=4))
+    result = choose(
+        sample, "fewshot", [str(trained)], ChooseConfig(shots=3, folds=2, batch_size=4, isolate=False)
+    )
     (row,) = result.tried
     assert row.metrics["shots"] == 3 and "3shot_accuracy" in row.metrics
     assert row.samples == 30 - 3 * 3  # one fold's queries: the rest of the sample

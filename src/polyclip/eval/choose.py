@@ -57,6 +57,9 @@ class ChooseConfig:
     seed: int = 0
     offline: bool | None = None  # True: only the hub cache; None: the cache, then the hub if reachable
     timeout_s: float = 3600.0  # per candidate
+    # a fresh process per candidate: its peak memory is the model's alone and a crash is its own; False
+    # measures in this process (faster; peak memory is then only what raises this process's high-water mark)
+    isolate: bool = True
 
 
 @dataclass
@@ -277,12 +280,16 @@ def measure_candidate(name: str, task: str, data: str, config: ChooseConfig) -> 
 def _worker_main() -> None:
     """The child process: one request on stdin, one JSON line on stdout (an error is reported, not raised)."""
     request = json.loads(sys.stdin.read())
-    try:
-        config = ChooseConfig(**request["config"])
-        result = {"ok": measure_candidate(request["name"], config.task, request["data"], config)}
-    except Exception as error:  # the parent reports the candidate as failed with this reason
-        result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+    result = _measure_safely(request["name"], request["data"], ChooseConfig(**request["config"]))
     sys.stdout.write("\n" + json.dumps(result) + "\n")
+
+
+def _measure_safely(name: str, data: str, config: ChooseConfig) -> dict[str, Any]:
+    """``{"ok": numbers}``, or ``{"error": reason}``: one candidate's failure never stops the others."""
+    try:
+        return {"ok": measure_candidate(name, config.task, data, config)}
+    except Exception as error:  # the candidate is reported as failed with this reason
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
 
 
 def _run_isolated(name: str, data: str, config: ChooseConfig) -> dict[str, Any]:
@@ -376,7 +383,8 @@ def choose(data: str | Path, task: str = "zeroshot", models: list[str] | str = "
             if missing is not None:
                 candidate.status, candidate.reason = "not tried", missing
             else:
-                _fill(candidate, _run_isolated(candidate.name, str(data), config), config)
+                measure = _run_isolated if config.isolate else _measure_safely
+                _fill(candidate, measure(candidate.name, str(data), config), config)
             if progress is not None:
                 progress(candidate)
     finally:
