@@ -76,6 +76,8 @@ def _siglip_tokenizer(folder):
 def exports(tmp_path_factory):
     """{kind: (eager model, preprocess, tokenizer, export folder)}; the ViT goes through the CLI."""
     root = tmp_path_factory.mktemp("onnx")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the exporter traces in Python; two threads of tiny ops only contend
     clip_tokenizer = build_tokenizer({"type": "clip", "context_length": 77})
     made = {}
     for kind, arch in (("vit", "tiny-vit"), ("resnet", "tiny-resnet"), ("siglip", "tiny-siglip")):
@@ -91,6 +93,7 @@ def exports(tmp_path_factory):
         else:
             export_onnx(model, preprocess, tokenizer, out)
         made[kind] = (model, preprocess, tokenizer, out)
+    torch.set_num_threads(threads)
     return made
 
 
