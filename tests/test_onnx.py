@@ -215,6 +215,14 @@ def test_inference_only_and_clear_errors(exports, tmp_path):
         handle.write(b"\0")
     with pytest.raises(OnnxFolderError, match="SHA-256"):
         polyclip.load(damaged)
+    # a manifest that is not one, or of another version, is a one-line error
+    for text, message in (
+        ("{", "cannot read"),
+        ('{"format": "polyclip-onnx", "format_version": 9}', "format_version 9"),
+    ):
+        (damaged / MANIFEST_NAME).write_text(text)
+        with pytest.raises(OnnxFolderError, match=message):
+            polyclip.load(damaged)
     # the exporter refuses to write over anything that is not a previous export
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")

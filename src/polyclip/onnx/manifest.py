@@ -18,6 +18,7 @@ MANIFEST_NAME = "polyclip_onnx.json"
 FORMAT_NAME = "polyclip-onnx"
 FORMAT_VERSION = 1
 GRAPHS = ("image", "text")
+MAX_MANIFEST_BYTES = 16 << 20
 
 
 class OnnxFolderError(ValueError):
@@ -33,6 +34,10 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:  # a few KiB in practice; never read a huge one whole
+            raise OnnxFolderError(
+                f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest polyclip wrote"
+            )
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OnnxFolderError(f"{folder} has no {MANIFEST_NAME}: it is not an exported ONNX folder") from None

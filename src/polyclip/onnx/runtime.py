@@ -86,7 +86,12 @@ class OnnxDualEncoder(nn.Module):
         manifest = read_manifest(self.folder)
         _check_files(self.folder, manifest)
         self.manifest = manifest
-        self.config = DualEncoderConfig.from_dict(manifest["model"])
+        try:  # the one config validation every checkpoint reader ends in
+            self.config = DualEncoderConfig.from_dict(manifest["model"])
+        except (ValueError, TypeError, KeyError) as error:
+            raise OnnxFolderError(
+                f"{self.folder}: the manifest's model config is not valid: {error}"
+            ) from None
         self.logit_scale = nn.Parameter(torch.tensor(float(manifest["logit_scale"])), requires_grad=False)
         bias = manifest.get("logit_bias")
         self.logit_bias = (
