@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from polyclip.checkpoints import CheckpointError, build_model, read_checkpoint
+from polyclip.checkpoints import CheckpointError, build_model, detect_format, read_checkpoint
 from polyclip.checkpoints.loading import is_torchscript_archive
 from polyclip.checkpoints.native import write_native
 from polyclip.checkpoints.open_clip import HUB_FILE_PREFIX
@@ -74,7 +74,12 @@ def load(
     dict is read as OpenAI's QuickGELU, with a warning. A `DualEncoderConfig` may be given instead of a name.
     """
     path, entry, entry_format = resolve(name_or_path)
-    checkpoint = read_checkpoint(path, format or entry_format)
+    format = format or entry_format or detect_format(path)
+    if format == "onnx":  # graphs, not weights: run through onnxruntime
+        from polyclip.onnx.runtime import load_onnx
+
+        return load_onnx(path, device, dtype, compile, quantize)
+    checkpoint = read_checkpoint(path, format)
     if entry is not None:
         _check_architecture(entry, checkpoint.config)
     if architecture is not None:

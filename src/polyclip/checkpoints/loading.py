@@ -15,11 +15,15 @@ import torch
 from polyclip.checkpoints.common import Checkpoint, CheckpointError, load_strict
 from polyclip.models import ConfigError, DualEncoder, DualEncoderConfig
 
-FORMATS = ("native", "hf", "open_clip", "openai", "flax")
+FORMATS = ("native", "hf", "open_clip", "openai", "flax", "onnx")
 
 
 def detect_format(path: Path) -> str:
     if path.is_dir():
+        from polyclip.onnx.manifest import is_onnx_folder
+
+        if is_onnx_folder(path):  # an explicit marker file, written last by the exporter
+            return "onnx"
         if (path / "polyclip_config.json").is_file():
             return "native"
         if (path / "open_clip_config.json").is_file():
@@ -97,6 +101,11 @@ def _read(path: Path, format: str) -> Checkpoint:
         from polyclip.checkpoints.flax import read_flax
 
         return read_flax(path)
+    if format == "onnx":
+        raise CheckpointError(
+            f"{path} holds ONNX graphs, not weights: polyclip.load runs it through onnxruntime (inference only); "
+            "convert or fine-tune the checkpoint it was exported from"
+        )
     raise CheckpointError(f"unknown checkpoint format {format!r}; expected one of {FORMATS}")
 
 

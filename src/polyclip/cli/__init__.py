@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # Each module defines register(app). Groups whose module is absent are simply not offered.
-COMMAND_MODULES = ("core", "train", "eval", "index", "domains", "medvqa", "video")
+COMMAND_MODULES = ("core", "train", "eval", "index", "domains", "medvqa", "video", "onnx", "choose")
 for _name in COMMAND_MODULES:
     if importlib.util.find_spec(f"polyclip.cli.{_name}") is not None:
         importlib.import_module(f"polyclip.cli.{_name}").register(app)
