@@ -50,7 +50,9 @@ def png() -> bytes:
 
 def classify(client, template, labels="cat,dog"):
     return client.post(
-        "/classify", files={"image": ("q.png", png(), "image/png")}, data={"labels": labels, "template": template}
+        "/classify",
+        files={"image": ("q.png", png(), "image/png")},
+        data={"labels": labels, "template": template},
     )
 
 
@@ -155,7 +157,9 @@ def test_cors_origin_option(index_dir, tiny_encoder):
         allowed = cors.post(
             "/search", json={"text": "a"}, headers={"Origin": "http://localhost:3000", "X-API-Key": "k"}
         )
-        other = cors.post("/search", json={"text": "a"}, headers={"Origin": "http://evil.example", "X-API-Key": "k"})
+        other = cors.post(
+            "/search", json={"text": "a"}, headers={"Origin": "http://evil.example", "X-API-Key": "k"}
+        )
         preflight = cors.options(
             "/search",
             headers={
@@ -164,7 +168,10 @@ def test_cors_origin_option(index_dir, tiny_encoder):
                 "Access-Control-Request-Headers": "content-type,x-api-key",
             },
         )
-    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert (
+        allowed.status_code == 200
+        and allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    )
     assert "access-control-allow-origin" not in other.headers
     assert preflight.status_code == 200  # answered before the key check
     assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
