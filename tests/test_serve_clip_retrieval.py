@@ -94,7 +94,11 @@ def client(base, **options) -> clip_client.ClipClient:
 def test_text_query_with_the_real_client(server, tiny_encoder, collection):
     results = client(server, num_images=5, deduplicate=False).query(text="picture number 4")
     assert len(results) == 5
-    assert all({"id", "similarity", "url", "caption", "path"} <= set(r) for r in results)
+    assert all({"id", "similarity", "url", "path"} <= set(r) for r in results)
+    # every other item has a caption; an item without one has no "caption" key (clip-front reads a
+    # null caption as text and fails)
+    assert all(r["caption"].startswith("picture number") for r in results if "caption" in r)
+    assert all(r.get("caption", 0) is not None for r in results)
     with Index(collection[0]) as index:
         expected = index.search(tiny_encoder.encode_texts(["picture number 4"]), k=5)[0]
     assert [r["id"] for r in results] == [hit.id for hit in expected]
@@ -165,7 +169,7 @@ def test_metadata_and_indices_list(server):
     ).json()
     assert [m["id"] for m in metadata] == ids  # unknown ids are left out
     assert metadata[0]["metadata"]["url"] == results[0]["url"]
-    assert metadata[0]["metadata"]["caption"] == results[0]["caption"]
+    assert [m["metadata"].get("caption") for m in metadata] == [r.get("caption") for r in results]
     wrong = httpx.post(server + "/metadata", json={"ids": ids, "indice_name": "laion5B"})
     assert wrong.status_code == 404 and "my-photos" in wrong.json()["error"]
 

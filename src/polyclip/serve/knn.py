@@ -43,8 +43,13 @@ def add_routes(app: FastAPI, service: SearchService, models: RequestModels) -> N
             raise ApiError(404, f"unknown index {name!r}; this service has {[service.name]}")
 
     def public(metadata: dict, caption: str | None, path: str, url: str) -> dict:
-        """An item's metadata as clip-retrieval shows it; its own fields go over metadata keys."""
-        return {**metadata, "url": url, "caption": caption, "path": service.shown_path(path)}
+        """An item's metadata as clip-retrieval shows it; its own fields go over metadata keys. An item
+        without a caption has no "caption" key (clip-front takes a null caption for text and fails)."""
+        entry = {**metadata, "url": url, "path": service.shown_path(path)}
+        entry.pop("caption", None)
+        if caption is not None:
+            entry["caption"] = caption
+        return entry
 
     def image_url(request: Request, item_id: int) -> str:
         return f"{request.base_url}images/{item_id}"
