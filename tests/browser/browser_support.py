@@ -1,6 +1,7 @@
 """Shared set-up of the browser tests (imported by conftest.py and the test modules): Debian's chromium driven by Playwright, a collection of shapes
 indexed with the tiny model, and `polyclip serve` run as a real subprocess."""
 
+# ruff: noqa: F811  (pytest fixtures imported from test_index_support are redefined as arguments)
 from __future__ import annotations
 
 import contextlib
