@@ -196,3 +196,15 @@ def test_openapi_documents_the_real_limits(client):
     assert search["application/json"]["schema"]["additionalProperties"] is False
     assert "image" in search["multipart/form-data"]["schema"]["properties"]
     assert "/knn-service" in schema["paths"]
+
+
+def test_serve_command_refuses_a_pinned_mismatch(index_dir, other_model_dir):
+    """`polyclip serve INDEX --model OTHER` stops before listening, with the one-line user error."""
+    from typer.testing import CliRunner
+
+    from polyclip.cli import app
+
+    result = CliRunner().invoke(
+        app, ["serve", str(index_dir[0]), "--model", str(other_model_dir), "--port", "0"]
+    )
+    assert isinstance(result.exception, ModelMismatchError) and "pinned" in str(result.exception)
