@@ -1,4 +1,4 @@
-"""Shared set-up of the browser tests (imported by conftest.py and the test modules): Debian's chromium driven by Playwright, a collection of shapes
+"""Shared set-up of the browser tests (imported by the test modules; no conftest.py here, so that `from conftest import` in tests/ finds the one there): Debian's chromium driven by Playwright, a collection of shapes
 indexed with the tiny model, and `polyclip serve` run as a real subprocess."""
 
 # ruff: noqa: F811  (pytest fixtures imported from test_index_support are redefined as arguments)

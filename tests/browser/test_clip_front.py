@@ -2,6 +2,7 @@
 from its own origin, driven in headless Chromium against a `polyclip serve --cors-origin` back end:
 its search shows result images loaded from polyclip's thumbnails."""
 
+# ruff: noqa: F811  (fixtures imported from browser_support are redefined as arguments)
 from __future__ import annotations
 
 import functools
@@ -14,7 +15,15 @@ import threading
 from pathlib import Path
 
 import pytest
-from browser_support import BROWSER, chromium, free_port, polyclip_server
+from browser_support import (  # noqa: F401  (fixtures)
+    BROWSER,
+    chromium,
+    collection,
+    free_port,
+    polyclip_server,
+    tiny_encoder,
+    tiny_model_dir,
+)
 
 pytestmark = BROWSER
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_support import BROWSER, chromium, polyclip_server
+from browser_support import BROWSER, chromium, collection, polyclip_server, tiny_encoder, tiny_model_dir  # noqa: F401  (fixtures)
 from PIL import Image
 
 pytestmark = BROWSER
