@@ -12,6 +12,10 @@ pip install -q -e ".[all,test]"
 # Reference tokenizers (OpenAI's, as shipped by open_clip and clip-anytorch) for parity tests only;
 # --no-deps because their dependencies would pull in torchvision.
 pip install -q --no-deps open_clip_torch==3.3.0 clip-anytorch==2.6.0
+# clip-retrieval's client and front end, to test polyclip's compatible back end with the real ones;
+# --no-deps: its own dependencies are a whole back end (flask, torchvision, ...), the client needs only
+# `requests` (in the test extra)
+pip install -q --no-deps clip-retrieval==2.45.0
 ruff check src tests benchmarks
 python -m pytest -m "not slow and not browser" -q -p no:cacheprovider
 if [ -x /usr/bin/chromium ]; then

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from polyclip.serve.batching import DynamicBatcher
-from polyclip.serve.metrics import Histogram
 
 
 class SlowDoubler:
@@ -118,13 +120,26 @@ def test_batcher_rejects_a_zero_batch():
         DynamicBatcher(lambda items: items, None, max_batch=0)
 
 
-def test_histogram_buckets_are_cumulative():
-    histogram = Histogram("h", "help", (1, 2, 4))
-    for value in (1, 1, 3, 9):
-        histogram.observe(value, kind="x")
-    lines = histogram.render()
-    assert 'h_bucket{kind="x",le="1"} 2' in lines
-    assert 'h_bucket{kind="x",le="2"} 2' in lines
-    assert 'h_bucket{kind="x",le="4"} 3' in lines
-    assert 'h_bucket{kind="x",le="+Inf"} 4' in lines
-    assert 'h_sum{kind="x"} 14' in lines and 'h_count{kind="x"} 4' in lines
+WORKER = """
+import sys
+from polyclip.serve.metrics import ServiceMetrics
+metrics = ServiceMetrics(lambda: {"image": 7})
+if sys.argv[1] == "work":
+    metrics.requests.labels(route="/search", method="POST", status="200").inc()
+    metrics.batch_size.labels(input="text").observe(3)
+else:
+    sys.stdout.write(metrics.render().decode())
+"""
+
+
+def test_metrics_of_several_worker_processes_are_aggregated(tmp_path):
+    """With PROMETHEUS_MULTIPROC_DIR set, /metrics of any worker sums what every worker counted."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", WORKER, "work"], env=env, check=True)
+    text = subprocess.run(
+        [sys.executable, "-c", WORKER, "render"], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    assert 'polyclip_requests_total{method="POST",route="/search",status="200"} 2.0' in text
+    assert 'polyclip_encoder_batch_size_count{input="text"} 2.0' in text
+    assert 'polyclip_index_vectors{space="image"} 7.0' in text

@@ -1,157 +1,150 @@
-"""The web page end to end in headless Chromium (Debian's chromium driven by Playwright): a text query
-and an image upload against a real `polyclip serve` subprocess; the grid must show scores and
-thumbnails. A screenshot is saved (to $POLYCLIP_SCREENSHOT_DIR as well, when set)."""
+"""polyclip's own page end to end in headless Chromium against a real `polyclip serve` subprocess: a
+sample before any search, a text query with a shareable ?q= URL, upload, drag-and-drop and paste of
+an image, "more like this", keyboard navigation; the screenshot is checked (thumbnails drawn in the
+result cards) and no console error is allowed. A screenshot is saved (to $POLYCLIP_SCREENSHOT_DIR as
+well, when set)."""
 
-# ruff: noqa: F811  (pytest fixtures imported from test_index_support are redefined as arguments)
+# ruff: noqa: F811  (fixtures imported from conftest/test_index_support are redefined as arguments)
 from __future__ import annotations
 
+import base64
+import io
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from browser_support import BROWSER, chromium, collection, polyclip_server, tiny_encoder, tiny_model_dir  # noqa: F401  (fixtures)
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared helpers live in tests/
-from test_index_support import make_shapes, tiny_encoder, tiny_model_dir, write_captions  # noqa: E402, F401
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        not CHROMIUM.exists(),
-        reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)",
-    ),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+pytestmark = BROWSER
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_encoder):
-    pytest.importorskip("faiss")
-    httpx = pytest.importorskip("httpx")
-    from polyclip.index import BuildOptions, Index, add_paths
-    from polyclip.index.build import collect_inputs
-
-    root = tmp_path_factory.mktemp("page")
-    images = make_shapes(root / "images", 18)
-    captions = write_captions(root / "captions.jsonl", images)
-    paths, annotations, _ = collect_inputs([root / "images"], captions)
-    with Index.create(root / "index", tiny_encoder.identity) as index:
-        add_paths(index, tiny_encoder, paths, annotations, BuildOptions(batch_size=8, progress=False))
-    port = free_port()
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "polyclip",
-            "serve",
-            str(root / "index"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 180
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited: {(root / 'server.log').read_text()}")
-        try:
-            if httpx.get(base + "health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"the server did not start: {(root / 'server.log').read_text()}")
-        time.sleep(0.3)
-    yield base, images
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+def server(collection, tmp_path_factory):
+    index_dir, images = collection
+    with polyclip_server(index_dir, tmp_path_factory.mktemp("log") / "server.log") as base:
+        yield base, images
 
 
-def test_search_page_text_and_image_queries(server, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright Python package")
+def test_search_page(server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    expect = sync_api.expect
     base, images = server
     console_errors: list[str] = []
-    with sync_api.sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"),  # a fresh user data dir
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1100, "height": 800},
-        )
-        try:
-            page = context.new_page()
-            page.on(
-                "console", lambda message: message.type == "error" and console_errors.append(message.text)
-            )
-            page.goto(base)
-            sync_api.expect(page.locator("#summary")).to_contain_text("18 items")
+    with chromium(tmp_path / "profile", console_errors) as page:
+        # before any search: a sample of the collection, with relative paths and captions
+        page.goto(base)
+        expect(page.locator("#summary")).to_contain_text("18 items")
+        expect(page.locator("#status-text")).to_contain_text("a sample of 18 of 18 items")
+        cards = page.locator("#results .card")
+        expect(cards).to_have_count(18)
+        names = cards.locator(".name").all_inner_texts()
+        assert sorted(names) == sorted(p.name for p in images)  # relative to the collection root
+        assert cards.locator(".caption").count() == 9  # every other image has a caption
 
-            page.fill("#query", "a red circle")
-            page.press("#query", "Enter")
-            sync_api.expect(page.locator("#status-text")).to_contain_text("results for")
-            cards = page.locator("#results .card")
-            sync_api.expect(cards).to_have_count(18)
-            check_grid(page, cards)
+        # a text query; the URL becomes shareable
+        page.fill("#query", "a red circle")
+        page.press("#query", "Enter")
+        expect(page.locator("#status-text")).to_contain_text("results for")
+        expect(cards).to_have_count(18)
+        check_grid(page, cards)
+        assert "q=a+red+circle" in page.url
+        ranked = cards.locator(".name").all_inner_texts()
 
-            query_image = images[4]
-            page.set_input_files("#image-input", str(query_image))
-            sync_api.expect(page.locator("#status-text")).to_contain_text(f"results for {query_image.name}")
-            check_grid(page, cards)
-            first = cards.first
-            assert first.locator(".name").inner_text() == query_image.name  # the image finds itself
-            assert first.locator(".score").inner_text() == "1.000"
-            assert page.locator("#query-image").is_visible()
+        # the shared URL, opened afresh, shows the same results
+        page.goto(base + "?q=a+red+circle")
+        expect(page.locator("#status-text")).to_contain_text("results for")
+        expect(cards).to_have_count(18)
+        assert cards.locator(".name").all_inner_texts() == ranked
+        assert page.input_value("#query") == "a red circle"
 
-            shot = tmp_path / "search-page.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-            if os.environ.get("POLYCLIP_SCREENSHOT_DIR"):
-                shutil.copy(shot, Path(os.environ["POLYCLIP_SCREENSHOT_DIR"]) / shot.name)
-        finally:
-            context.close()
+        # upload an image: it finds itself
+        query_image = images[4]
+        page.set_input_files("#image-input", str(query_image))
+        expect(page.locator("#status-text")).to_contain_text(f"results for {query_image.name}")
+        check_grid(page, cards)
+        assert cards.first.locator(".name").inner_text() == query_image.name
+        assert cards.first.locator(".score").inner_text() == "1.000"
+        assert page.locator("#query-image").is_visible()
+
+        # drag and drop an image onto the page, then paste one
+        for event, image in (("drop", images[7]), ("paste", images[11])):
+            send_image_event(page, event, image)
+            expect(page.locator("#status-text")).to_contain_text("results for")
+            expect(cards.first.locator(".name")).to_have_text(image.name)
+
+        # "more like this" on the third result
+        third = cards.nth(2)
+        third_name = third.locator(".name").inner_text()
+        third.locator(".like").click()
+        expect(page.locator("#status-text")).to_contain_text(f"items like {third_name}")
+        expect(cards.first.locator(".name")).to_have_text(third_name)
+        assert re.search(r"like=\d+", page.url)
+
+        # keyboard: "/" to the search box, arrows across the grid, Enter for more like this
+        page.locator("body").press("Escape")
+        page.keyboard.press("/")
+        assert page.evaluate("document.activeElement.id") == "query"
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("ArrowRight")
+        focused = page.evaluate("document.activeElement.querySelector('.name').textContent")
+        assert focused == cards.nth(1).locator(".name").inner_text()
+        page.keyboard.press("Enter")
+        expect(page.locator("#status-text")).to_contain_text(f"items like {focused}")
+        expect(cards.first.locator(".name")).to_have_text(focused)
+        check_grid(page, cards)
+
+        shot = tmp_path / "search-page.png"
+        page.screenshot(path=str(shot))
+        check_screenshot(page, shot)
+        if os.environ.get("POLYCLIP_SCREENSHOT_DIR"):
+            shutil.copy(shot, Path(os.environ["POLYCLIP_SCREENSHOT_DIR"]) / shot.name)
     assert console_errors == []
 
 
+def send_image_event(page, kind: str, image: Path) -> None:
+    """A drop or paste event carrying ``image`` as a file, as the browser makes them."""
+    data = base64.b64encode(image.read_bytes()).decode()
+    page.evaluate(
+        """([kind, data, name]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/png" }));
+            const event = kind === "drop"
+                ? new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true })
+                : new ClipboardEvent("paste", { clipboardData: transfer, bubbles: true, cancelable: true });
+            document.querySelector("#results").dispatchEvent(event);
+        }""",
+        [kind, data, image.name],
+    )
+
+
 def check_grid(page, cards) -> None:
-    """Every card shows a score and a decoded thumbnail."""
+    """Every card shows a score and a decoded thumbnail, best first."""
     page.wait_for_function(
         "() => [...document.querySelectorAll('#results .card img')].every(i => i.complete && i.naturalWidth > 0)"
     )
-    scores = [float(text) for text in cards.locator(".score").all_inner_texts()]
-    assert all(re.fullmatch(r"-?\d\.\d{3}", text) for text in cards.locator(".score").all_inner_texts())
+    texts = cards.locator(".score").all_inner_texts()
+    assert texts and all(re.fullmatch(r"-?\d\.\d{3}", text) for text in texts)
+    scores = [float(text) for text in texts]
     assert scores == sorted(scores, reverse=True)
-    widths = page.eval_on_selector_all("#results .card img", "imgs => imgs.map(i => i.naturalWidth)")
-    assert len(widths) == cards.count() and min(widths) > 0
+
+
+def check_screenshot(page, shot: Path) -> None:
+    """In the screenshot itself, the visible cards' thumbnails are drawn: each differs from the empty
+    placeholder colour and holds the shapes' colours, not a flat area."""
+    image = np.asarray(Image.open(io.BytesIO(shot.read_bytes())).convert("RGB")).astype(np.float32)
+    boxes = page.eval_on_selector_all(
+        "#results .card img",
+        "imgs => imgs.map(i => i.getBoundingClientRect()).map(r => [r.left, r.top, r.right, r.bottom])",
+    )
+    visible = [box for box in boxes if box[3] <= image.shape[0] and box[1] >= 0]
+    assert len(visible) >= 4, boxes
+    placeholder = np.array([0xE9, 0xEC, 0xEF], np.float32)
+    for left, top, right, bottom in visible:
+        crop = image[int(top) + 2 : int(bottom) - 2, int(left) + 2 : int(right) - 2]
+        assert crop.std() > 10, "a thumbnail area is flat"
+        assert np.abs(crop - placeholder).sum(axis=2).mean() > 20, "a thumbnail area shows the placeholder"

@@ -176,6 +176,36 @@ def serve(
     api_key: Annotated[
         str | None, typer.Option("--api-key", help="require header X-API-Key (default: $POLYCLIP_API_KEY)")
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="pin the model (registry name, hf-hub:org/repo or a path): index.json's model is not "
+            "loaded, and an index built with another is refused",
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            help="an origin whose pages may call the service, e.g. http://localhost:3000 (repeatable; "
+            "default: none, no CORS headers)",
+        ),
+    ] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option("--root", help="show paths relative to this folder (default: the items' common folder)"),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="the index name clip-retrieval clients see (default: folder name)")
+    ] = None,
+    allow_image_urls: Annotated[
+        bool,
+        typer.Option(
+            "--allow-image-urls", help="let /knn-service fetch 'image_url' (the server makes the request)"
+        ),
+    ] = False,
     device: Device = None,
     dtype: Annotated[
         str | None, typer.Option("--dtype", help="default: the dtype the index was built with")
@@ -192,13 +222,19 @@ def serve(
     max_k: Annotated[int, typer.Option("--max-k", min=1)] = 1_000,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
-    """Serve an index over HTTP: /search, /classify, /embed, /images/{id}, /health, /metrics and a web page."""
+    """Serve an index over HTTP: /search, /classify, /embed, /images/{id}, /health, /metrics, a web page,
+    and clip-retrieval's /knn-service, /metadata and /indices-list. The index folder is trusted input."""
     from polyclip.serve import ServeConfig, run
 
     config = ServeConfig(
         host=host,
         port=port,
         api_key=api_key,
+        model=model,
+        cors_origins=tuple(cors_origin or ()),
+        collection_root=None if root is None else str(root),
+        index_name=name,
+        allow_image_urls=allow_image_urls,
         device=device,
         dtype=dtype,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),

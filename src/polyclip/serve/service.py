@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from cachetools import LRUCache
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
@@ -61,14 +63,14 @@ class SearchService:
             self.executor,
             config.max_batch,
             config.max_wait_ms,
-            on_batch=lambda n: self.metrics.batch_size.observe(n, input="text"),
+            on_batch=lambda n: self.metrics.batch_size.labels(input="text").observe(n),
         )
         self.image_batcher = DynamicBatcher(
             lambda pixels: encoder.image_vectors(torch.stack(pixels)),
             self.executor,
             config.max_batch,
             config.max_wait_ms,
-            on_batch=lambda n: self.metrics.batch_size.observe(n, input="image"),
+            on_batch=lambda n: self.metrics.batch_size.labels(input="image").observe(n),
         )
         # FAISS scans a flat index query by query below this many queries; from 8 queries one matrix
         # product is faster (3.7 vs 8.3 ms a query for 8 queries over 100k vectors on 2 cores)
@@ -87,14 +89,30 @@ class SearchService:
             model.logit_scale.detach().float().clamp(max=model.config.logit_scale_max).exp()
         )
         self.logit_bias = None if model.logit_bias is None else float(model.logit_bias.detach().float())
-        self._class_weights: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._thumbnails: OrderedDict[tuple, bytes] = OrderedDict()
+        self._class_weights: LRUCache = LRUCache(CLASS_CACHE_SIZE)  # (labels, templates) -> (C, E)
+        self._thumbnails: LRUCache = LRUCache(config.thumbnail_cache)  # (id, mtime) -> JPEG bytes
+        self._thumbnails_lock = threading.Lock()  # thumbnails are made in the thread pool
+        self.root = collection_root(index, config.collection_root)
+        self.name = config.index_name or index.folder.resolve().name  # what /indices-list offers
         self.started = time.time()
         for space in index.spaces:  # load the FAISS indexes now, not on the first request
             index.spec(space)
 
-    def _vector_counts(self) -> dict:
-        return {(("space", space),): float(self.index.vector_count(space)) for space in self.index.spaces}
+    def _vector_counts(self) -> dict[str, int]:
+        return {space: self.index.vector_count(space) for space in self.index.spaces}
+
+    def shown_path(self, path: str) -> str:
+        """An item's path as clients see it: relative to the collection root, never absolute (a file
+        outside the root, added later, shows its name alone)."""
+        if self.root is not None:
+            try:
+                return Path(path).relative_to(self.root).as_posix()
+            except ValueError:
+                pass
+        return Path(path).name
+
+    def hit_dict(self, hit: SearchHit) -> dict:
+        return {**hit.to_dict(), "path": self.shown_path(hit.path)}
 
     async def close(self) -> None:
         for batcher in (self.text_batcher, self.image_batcher, self.search_batcher):
@@ -109,6 +127,13 @@ class SearchService:
     async def image_vector(self, data: bytes) -> np.ndarray:
         pixels = await run_in_threadpool(decode_pixels, data, self.preprocess, self.config)  # (3, H, W)
         return (await self.image_batcher.submit([pixels]))[0]  # (E,)
+
+    def item_vector(self, item_id: int, space: str) -> np.ndarray:
+        """(E,) the stored vector of an indexed item ("more like this")."""
+        _, vectors = self.index.stored_vectors([item_id], space)
+        if not len(vectors):
+            raise ApiError(404, f"no indexed item with id {item_id} has a {space} vector")
+        return vectors[0]
 
     def queries(self, vectors: np.ndarray) -> QueryEmbeddings:
         return QueryEmbeddings(np.atleast_2d(vectors).astype(np.float32), self.encoder.fingerprint)
@@ -143,15 +168,13 @@ class SearchService:
     async def class_weights(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> np.ndarray:
         """(C, E) zero-shot classifier: per label, the renormalised mean of its prompt embeddings."""
         key = (labels, templates)
-        if key in self._class_weights:
-            self._class_weights.move_to_end(key)
-            return self._class_weights[key]
+        cached = self._class_weights.get(key)
+        if cached is not None:
+            return cached
         prompts = [template.format(label) for label in labels for template in templates]
         vectors = (await self.text_vectors(prompts)).reshape(len(labels), len(templates), -1).mean(axis=1)
         weights = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         self._class_weights[key] = weights
-        if len(self._class_weights) > CLASS_CACHE_SIZE:
-            self._class_weights.popitem(last=False)
         return weights
 
     def thumbnail(self, item_id: int, path: str) -> bytes:
@@ -160,9 +183,10 @@ class SearchService:
             key = (item_id, file.stat().st_mtime_ns)
         except OSError:
             raise ApiError(404, f"item {item_id}'s file is no longer available") from None
-        if key in self._thumbnails:
-            self._thumbnails.move_to_end(key)
-            return self._thumbnails[key]
+        with self._thumbnails_lock:
+            cached = self._thumbnails.get(key)
+        if cached is not None:
+            return cached
         try:
             image = load_image(file)
         except ImageDecodeError:
@@ -172,7 +196,25 @@ class SearchService:
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=85)
         data = buffer.getvalue()
-        self._thumbnails[key] = data
-        if len(self._thumbnails) > self.config.thumbnail_cache:
-            self._thumbnails.popitem(last=False)
+        with self._thumbnails_lock:
+            self._thumbnails[key] = data
         return data
+
+
+def collection_root(index: Index, given: str | None) -> Path | None:
+    """The folder paths are shown relative to: the one given, or the deepest folder holding every
+    item at start-up. The common prefix of all paths is the common prefix of the smallest and the
+    largest (in sort order), two lookups on SQLite's index of the unique path column."""
+    if given is not None:
+        return Path(given).resolve()
+    with index.store.snapshot() as db:
+        first, last = db.execute("SELECT MIN(path), MAX(path) FROM items").fetchone()
+    if first is None:
+        return None
+    common = (
+        os.path.commonpath([first, last]) if Path(first).is_absolute() == Path(last).is_absolute() else ""
+    )
+    if not common:
+        return None
+    root = Path(common)
+    return root.parent if root.as_posix() in (first, last) else root  # one item: its folder
