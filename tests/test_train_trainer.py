@@ -252,7 +252,7 @@ def test_logit_scale_is_clamped_after_each_step(tmp_path, pairs):
     trainer = Trainer(make_config(tmp_path, pairs, "optim.lr=0.5", "optim.grad_clip_norm=none"))
     with torch.no_grad():
         trainer.model.logit_scale.fill_(4.6)
-    batch = next(iter(trainer._loader(0, 0)))
+    batch = next(iter(trainer.data.loader(0, 0)))
     for _ in range(3):
         trainer.train_step(batch.pixels, batch.token_ids)
         trainer.step += 1
