@@ -361,7 +361,9 @@ def run_few_shot(
     return EvalReport(f"few-shot ({config.method})", dataset, asdict(config), results, notes)
 
 
-def _few_shot_scores(config: FewShotConfig, support_x, support_y, query_x, num_classes, weights, val_xy, scale):
+def _few_shot_scores(
+    config: FewShotConfig, support_x, support_y, query_x, num_classes, weights, val_xy, scale
+):
     """(Q, C) scores and the (alpha, beta) used (None for the centroid method)."""
     if config.method == "centroid":
         return nearest_centroid_scores(support_x, support_y, query_x, num_classes), (None, None)
