@@ -46,6 +46,18 @@ def test_exact_p_value_equals_brute_force():
     result = weat(x, y, a, b)
     assert result.exact and result.num_partitions == 70
     assert result.p_value == pytest.approx(expected)
+    two_sided = np.mean(np.abs(statistics) >= abs(observed) - 1e-12)  # |X| = |Y|: centred on 0
+    assert result.p_value_two_sided == pytest.approx(two_sided)
+
+
+def test_a_strong_negative_association_is_significant_only_two_sided():
+    x, y, a, b = random_sets(4, shift=3.0, n=5)
+    reversed_ = weat(y, x, a, b)  # Y (with A) as the first group: X-with-B
+    assert reversed_.effect_size < -1.0
+    assert reversed_.p_value > 0.95 and reversed_.p_value_two_sided < 0.05
+    forward = weat(x, y, a, b)
+    assert forward.p_value_two_sided == pytest.approx(reversed_.p_value_two_sided)
+    assert forward.p_value <= forward.p_value_two_sided
 
 
 def test_sampled_p_value_is_seeded_and_close_to_exact():

@@ -467,6 +467,7 @@ def run_bias(
             outcome = weat(*embedded, config.num_permutations, config.seed, config.max_exact)
             metrics[f"{test.name}_effect_size"] = outcome.effect_size
             metrics[f"{test.name}_p_value"] = outcome.p_value
+            metrics[f"{test.name}_p_value_two_sided"] = outcome.p_value_two_sided
             details[test.name] = asdict(outcome)
             if math.isnan(outcome.effect_size):
                 notes.append(
