@@ -49,7 +49,10 @@ def make_config(tmp_path, data, *overrides: str) -> TrainConfig:
 
 def _losses(run_dir) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+    train_records = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+    # the loader's share of the time is reported beside the throughput
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 and r["samples_per_second"] > 0 for r in train_records)
+    return {r["step"]: r["loss"] for r in train_records}
 
 
 def test_resume_from_a_mid_epoch_checkpoint_reproduces_the_losses(tmp_path, pairs):
