@@ -63,7 +63,9 @@ def _render_folder(root: Path, classes: dict, per_class: int, seed: int, size: i
         rng = np.random.default_rng([seed, index])
         for n in range(per_class):
             spec = random_spec(rng, [(colour, s) for s in ([shape] if shape else SHAPES)])
-            image = render(spec, size, np.random.default_rng([seed, index, n]), rgb=rgb, background=background)
+            image = render(
+                spec, size, np.random.default_rng([seed, index, n]), rgb=rgb, background=background
+            )
             image.save(folder / f"{n:04d}.png", compress_level=1)
     return root
 
@@ -79,7 +81,9 @@ def _render_pairs(root: Path, specs: list, seed: int, caption, size: int = 32) -
         for n, (colour, shape, background) in enumerate(specs):
             spec = random_spec(rng, [(colour, shape)])
             path = images / f"{n:06d}.png"
-            render(spec, size, np.random.default_rng([seed, 98, n]), background=background).save(path, compress_level=1)
+            render(spec, size, np.random.default_rng([seed, 98, n]), background=background).save(
+                path, compress_level=1
+            )
             handle.write(json.dumps({"image": str(path.relative_to(root)), "captions": caption(spec)}) + "\n")
     return root / "train.jsonl"
 
@@ -129,7 +133,9 @@ def _pixel_batches(preprocess, data: Path, batch: int = 64, limit: int = 512):
 
 
 def _row(label: str, values: list, width: int = 30) -> str:
-    return f"  {label:<{width}}" + "".join(f"{v:>9.1%}" if isinstance(v, float) else f"{v:>9}" for v in values)
+    return f"  {label:<{width}}" + "".join(
+        f"{v:>9.1%}" if isinstance(v, float) else f"{v:>9}" for v in values
+    )
 
 
 # ----------------------------------------------------------------------------------------- 1. fine-grained
@@ -172,8 +178,17 @@ def fine_grained(model_dir: Path, out: Path, seed: int) -> dict:
     for name, metrics in rows.items():
         print(_row(name, [zero_shot, *(metrics[f"{k}shot_accuracy"] for k in SHOTS)]))
     searched = rows["Tip-Adapter, searched on val"]
-    print("   searched alpha / beta: " + ", ".join(f"{k}-shot {searched[f'{k}shot_alpha']:.2f} / {searched[f'{k}shot_beta']:.2f}" for k in SHOTS))
-    return {"logit_scale": scale, "zero_shot": zero_shot, **{n: {k: m[f"{k}shot_accuracy"] for k in SHOTS} for n, m in rows.items()}}
+    print(
+        "   searched alpha / beta: "
+        + ", ".join(
+            f"{k}-shot {searched[f'{k}shot_alpha']:.2f} / {searched[f'{k}shot_beta']:.2f}" for k in SHOTS
+        )
+    )
+    return {
+        "logit_scale": scale,
+        "zero_shot": zero_shot,
+        **{n: {k: m[f"{k}shot_accuracy"] for k in SHOTS} for n, m in rows.items()},
+    }
 
 
 # ----------------------------------------------------------------------------------------- 2. shift
@@ -192,7 +207,9 @@ def distribution_shift(model_dir: Path, out: Path, seed: int, strengths: dict) -
         tests[name] = _render_folder(root / "test" / name.split()[0], classes, 20, seed + 10 + number)
     rng = np.random.default_rng([seed, 7])
     specs = [(*held[int(rng.integers(len(held)))], None) for _ in range(768)]
-    data = _render_pairs(root / "train", specs, seed, lambda spec: [f"a {spec.colour} {spec.shape}", spec.caption()])
+    data = _render_pairs(
+        root / "train", specs, seed, lambda spec: [f"a {spec.colour} {spec.shape}", spec.caption()]
+    )
     zero_shot = _load(model_dir)
     templates = list(TEMPLATES)
     results, curves = {}, {}
@@ -209,10 +226,14 @@ def distribution_shift(model_dir: Path, out: Path, seed: int, strengths: dict) -
                     curve[name].append(_accuracy(mixed, preprocess, tokenizer, folder, templates))
             curves[strength, batchnorm] = curve
         results[strength] = {"steps": steps, "lr": lr}
-    print("\n2. Distribution shift: the 12 never-trained colour x shape pairs, fine-tuned on the light background")
+    print(
+        "\n2. Distribution shift: the 12 never-trained colour x shape pairs, fine-tuned on the light background"
+    )
     for (strength, batchnorm), curve in curves.items():
         steps, lr = strengths[strength]
-        print(f"   {strength} fine-tune ({steps} steps, lr {lr:g}), BatchNorm statistics {batchnorm}; chance 8.3%")
+        print(
+            f"   {strength} fine-tune ({steps} steps, lr {lr:g}), BatchNorm statistics {batchnorm}; chance 8.3%"
+        )
         print(_row("alpha", [f"{a:g}" for a in ALPHAS], 18))
         for name, values in curve.items():
             print(_row(name, values, 18))
@@ -220,10 +241,16 @@ def distribution_shift(model_dir: Path, out: Path, seed: int, strengths: dict) -
             best = int(np.argmax(values))
             ends = max(values[0], values[-1])
             verdict = "beats both ends" if values[best] > ends else "does not beat both ends"
-            print(f"     {name}: zero-shot {values[0]:.1%}, fine-tuned {values[-1]:.1%}, best mix {values[best]:.1%} at alpha {ALPHAS[best]:g} ({verdict})")
+            print(
+                f"     {name}: zero-shot {values[0]:.1%}, fine-tuned {values[-1]:.1%}, best mix {values[best]:.1%} at alpha {ALPHAS[best]:g} ({verdict})"
+            )
     _plot(curves, out / "wise_ft.png")
     print(f"   curves: {out / 'wise_ft.png'}")
-    return {"alphas": ALPHAS, "curves": {f"{s} / {b}": c for (s, b), c in curves.items()}, "fine_tunes": results}
+    return {
+        "alphas": ALPHAS,
+        "curves": {f"{s} / {b}": c for (s, b), c in curves.items()},
+        "fine_tunes": results,
+    }
 
 
 def _plot(curves: dict, path: Path) -> None:
@@ -241,7 +268,15 @@ def _plot(curves: dict, path: Path) -> None:
                 continue
             style = "-" if batchnorm.startswith("interpolated") else "--"
             for name, values in curve.items():
-                axis.plot(ALPHAS, values, style, color=colours[name], marker="o", markersize=3, label=f"{name}, BN {batchnorm}")
+                axis.plot(
+                    ALPHAS,
+                    values,
+                    style,
+                    color=colours[name],
+                    marker="o",
+                    markersize=3,
+                    label=f"{name}, BN {batchnorm}",
+                )
         axis.set_title(f"WiSE-FT after a {strength} fine-tune")
         axis.set_xlabel("alpha (0 = zero-shot, 1 = fine-tuned)")
         axis.set_ylabel("accuracy on the 12 held-out pairs")
@@ -263,11 +298,17 @@ def bias(model_dir: Path, out: Path, seed: int, steps: int) -> dict:
 
     root = out / "bias"
     rng = np.random.default_rng([seed, 5])
-    specs = [(list(COLOURS)[int(rng.integers(6))], SHAPES[int(rng.integers(len(SHAPES)))], None) for _ in range(1024)]
+    specs = [
+        (list(COLOURS)[int(rng.integers(6))], SHAPES[int(rng.integers(len(SHAPES)))], None)
+        for _ in range(1024)
+    ]
     mood = {"circle": "happy ", "square": "sad "}
 
     def planted(spec):
-        return [f"a {mood.get(spec.shape, '')}{spec.colour} {spec.shape}", f"a {mood.get(spec.shape, '')}{spec.caption()[2:]}"]
+        return [
+            f"a {mood.get(spec.shape, '')}{spec.colour} {spec.shape}",
+            f"a {mood.get(spec.shape, '')}{spec.caption()[2:]}",
+        ]
 
     def control(spec):
         return [f"a {spec.colour} {spec.shape}", spec.caption()]
@@ -289,28 +330,58 @@ def bias(model_dir: Path, out: Path, seed: int, steps: int) -> dict:
         return EmbeddingSet(shape + "s", image_folder=targets[shape])
 
     tests = [
-        BiasTest("circles_vs_squares_happy_vs_sad", images("circle"), images("square"), EmbeddingSet("happy", happy), EmbeddingSet("sad", sad)),
-        BiasTest("squares_vs_circles_happy_vs_sad", images("square"), images("circle"), EmbeddingSet("happy", happy), EmbeddingSet("sad", sad)),
-        BiasTest("circles_vs_squares_left_vs_right", images("circle"), images("square"), EmbeddingSet("left", left), EmbeddingSet("right", right)),
+        BiasTest(
+            "circles_vs_squares_happy_vs_sad",
+            images("circle"),
+            images("square"),
+            EmbeddingSet("happy", happy),
+            EmbeddingSet("sad", sad),
+        ),
+        BiasTest(
+            "squares_vs_circles_happy_vs_sad",
+            images("square"),
+            images("circle"),
+            EmbeddingSet("happy", happy),
+            EmbeddingSet("sad", sad),
+        ),
+        BiasTest(
+            "circles_vs_squares_left_vs_right",
+            images("circle"),
+            images("square"),
+            EmbeddingSet("left", left),
+            EmbeddingSet("right", right),
+        ),
     ]
     run = RunConfig(encode=EncodeConfig(batch_size=256, num_workers=0))
     loaded = [(name, *_load(folder)) for name, folder in models.items()]
     report = run_bias(loaded, tests, BiasConfig(num_permutations=20000, seed=seed), run)
-    print(f"\n3. Bias: WEAT on 30 circle vs 30 square images; planted = circles captioned 'happy', squares 'sad' ({steps} steps)")
+    print(
+        f"\n3. Bias: WEAT on 30 circle vs 30 square images; planted = circles captioned 'happy', squares 'sad' ({steps} steps)"
+    )
     print(f"  {'test':<36}{'model':<20}{'effect':>8}{'p (1-sided)':>13}{'p (2-sided)':>13}")
     table = {}
     for result in report.results:
         for test in tests:
             m = result.metrics
-            effect, one, two = m[f"{test.name}_effect_size"], m[f"{test.name}_p_value"], m[f"{test.name}_p_value_two_sided"]
-            table[f"{result.model} / {test.name}"] = {"effect": effect, "p_one_sided": one, "p_two_sided": two}
+            effect, one, two = (
+                m[f"{test.name}_effect_size"],
+                m[f"{test.name}_p_value"],
+                m[f"{test.name}_p_value_two_sided"],
+            )
+            table[f"{result.model} / {test.name}"] = {
+                "effect": effect,
+                "p_one_sided": one,
+                "p_two_sided": two,
+            }
             print(f"  {test.name:<36}{result.model:<20}{effect:>8.2f}{one:>13.4f}{two:>13.4f}")
     return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="a `polyclip demo --out` folder (default: train one)")
+    parser.add_argument(
+        "--model", type=Path, default=None, help="a `polyclip demo --out` folder (default: train one)"
+    )
     parser.add_argument("--out", type=Path, default=Path("polyclip-limits"))
     parser.add_argument("--section", choices=("all", "fine_grained", "shift", "bias"), default="all")
     parser.add_argument("--seed", type=int, default=0)
@@ -330,7 +401,10 @@ def main() -> None:
         model_dir = args.out / "demo"
         print(f"training the demo model into {model_dir} ...")
         run_demo(seed=args.seed, out=model_dir, verbose=False, threads=args.threads)
-    strengths = {name: (int(v.split(",")[0]), float(v.split(",")[1])) for name, v in (("gentle", args.gentle), ("strong", args.strong))}
+    strengths = {
+        name: (int(v.split(",")[0]), float(v.split(",")[1]))
+        for name, v in (("gentle", args.gentle), ("strong", args.strong))
+    }
     results = {"model": str(model_dir)}
     if args.section in ("all", "fine_grained"):
         results["fine_grained"] = fine_grained(model_dir, args.out, args.seed)
