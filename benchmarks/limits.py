@@ -98,16 +98,24 @@ def _load(folder: Path):
     return model.eval(), preprocess, tokenizer
 
 
-def _accuracy(model, preprocess, tokenizer, folder: Path, templates: list[str]) -> float:
-    from polyclip.eval import build_zero_shot_weights, encode_images, read_image_folder
-    from polyclip.eval.features import EncodeConfig
+def _pixels(preprocess, folder: Path):
+    """(pixels (N, 3, S, S), labels (N,), class names) of an ImageFolder, preprocessed once."""
+
+    from polyclip.eval import read_image_folder
 
     labelled = read_image_folder(folder)
-    features = encode_images(model, preprocess, labelled.images, EncodeConfig(batch_size=256, num_workers=0))
-    names = [name.replace("_", " ") for name in labelled.class_names]
+    pixels = torch.stack([preprocess(labelled.images.load(i)) for i in range(len(labelled.images))])
+    return pixels, labelled.labels, [name.replace("_", " ") for name in labelled.class_names]
+
+
+@torch.no_grad()
+def _accuracy(model, tokenizer, test, templates: list[str]) -> float:
+    from polyclip.eval import build_zero_shot_weights
+
+    pixels, labels, names = test
+    features = torch.cat([model.encode_image(chunk, normalize=True) for chunk in pixels.split(256)])
     weights = build_zero_shot_weights(model, tokenizer, names, templates)  # (C, E)
-    predicted = (torch.nn.functional.normalize(features.features, dim=-1) @ weights.T).argmax(dim=1)
-    return float((predicted.numpy() == labelled.labels[features.indices]).mean())
+    return float(((features @ weights.T).argmax(dim=1).numpy() == labels).mean())
 
 
 def _fine_tune(start: Path, data: Path, out: Path, steps: int, lr: float, seed: int) -> Path:
@@ -123,13 +131,13 @@ def _fine_tune(start: Path, data: Path, out: Path, steps: int, lr: float, seed: 
     return train(config).model_dir
 
 
-def _pixel_batches(preprocess, data: Path, batch: int = 64, limit: int = 512):
-    lines = data.read_text().splitlines()[:limit]
+def _train_pixels(preprocess, data: Path, limit: int = 512) -> torch.Tensor:
     from PIL import Image
 
-    paths = [data.parent / json.loads(line)["image"] for line in lines]
-    for start in range(0, len(paths), batch):
-        yield torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths[start : start + batch]])
+    lines = data.read_text().splitlines()[:limit]
+    return torch.stack(
+        [preprocess(Image.open(data.parent / json.loads(line)["image"]).convert("RGB")) for line in lines]
+    )
 
 
 def _row(label: str, values: list, width: int = 30) -> str:
@@ -210,47 +218,52 @@ def distribution_shift(model_dir: Path, out: Path, seed: int, strengths: dict) -
     data = _render_pairs(
         root / "train", specs, seed, lambda spec: [f"a {spec.colour} {spec.shape}", spec.caption()]
     )
-    zero_shot = _load(model_dir)
+    zero_shot, preprocess, tokenizer = _load(model_dir)
+    test_pixels = {name: _pixels(preprocess, folder) for name, folder in tests.items()}
+    bn_pixels = _train_pixels(preprocess, data).split(64)  # the fine-tuning distribution
     templates = list(TEMPLATES)
-    results, curves = {}, {}
-    for strength, (steps, lr) in strengths.items():
-        tuned_dir = _fine_tune(model_dir, data, root / f"run_{strength}", steps, lr, seed)
-        tuned, preprocess, tokenizer = _load(tuned_dir)
-        for batchnorm in ("interpolated (reference)", "re-estimated"):
-            curve = {name: [] for name in tests}
-            for alpha in ALPHAS:
-                mixed = wise_ft(zero_shot[0], tuned, alpha).eval()
-                if batchnorm == "re-estimated":
-                    recompute_batchnorm(mixed, _pixel_batches(preprocess, data))
-                for name, folder in tests.items():
-                    curve[name].append(_accuracy(mixed, preprocess, tokenizer, folder, templates))
-            curves[strength, batchnorm] = curve
-        results[strength] = {"steps": steps, "lr": lr}
+    curves = {}
     print(
         "\n2. Distribution shift: the 12 never-trained colour x shape pairs, fine-tuned on the light background"
     )
-    for (strength, batchnorm), curve in curves.items():
-        steps, lr = strengths[strength]
-        print(
-            f"   {strength} fine-tune ({steps} steps, lr {lr:g}), BatchNorm statistics {batchnorm}; chance 8.3%"
-        )
-        print(_row("alpha", [f"{a:g}" for a in ALPHAS], 18))
-        for name, values in curve.items():
-            print(_row(name, values, 18))
-        for name, values in curve.items():
-            best = int(np.argmax(values))
-            ends = max(values[0], values[-1])
-            verdict = "beats both ends" if values[best] > ends else "does not beat both ends"
-            print(
-                f"     {name}: zero-shot {values[0]:.1%}, fine-tuned {values[-1]:.1%}, best mix {values[best]:.1%} at alpha {ALPHAS[best]:g} ({verdict})"
-            )
+    for strength, (steps, lr) in strengths.items():
+        tuned = _load(_fine_tune(model_dir, data, root / f"run_{strength}", steps, lr, seed))[0]
+        for batchnorm in ("interpolated (reference)", "re-estimated"):
+            curve = {name: [] for name in tests}
+            for alpha in ALPHAS:
+                mixed = wise_ft(zero_shot, tuned, alpha).eval()
+                if batchnorm == "re-estimated":
+                    recompute_batchnorm(mixed, bn_pixels)
+                for name, test in test_pixels.items():
+                    curve[name].append(_accuracy(mixed, tokenizer, test, templates))
+            curves[strength, batchnorm] = curve
+            _print_curve(strength, steps, lr, batchnorm, curve)
     _plot(curves, out / "wise_ft.png")
     print(f"   curves: {out / 'wise_ft.png'}")
     return {
         "alphas": ALPHAS,
         "curves": {f"{s} / {b}": c for (s, b), c in curves.items()},
-        "fine_tunes": results,
+        "fine_tunes": strengths,
     }
+
+
+def _print_curve(strength: str, steps: int, lr: float, batchnorm: str, curve: dict) -> None:
+    print(
+        f"   {strength} fine-tune ({steps} steps, lr {lr:g}), BatchNorm statistics {batchnorm}; chance 8.3%"
+    )
+    print(_row("alpha", [f"{a:g}" for a in ALPHAS], 18))
+    for name, values in curve.items():
+        print(_row(name, values, 18))
+    for name, values in curve.items():
+        best = int(np.argmax(values))
+        verdict = (
+            "beats both ends" if values[best] > max(values[0], values[-1]) else "does not beat both ends"
+        )
+        print(
+            f"     {name}: zero-shot {values[0]:.1%}, fine-tuned {values[-1]:.1%}, best mix {values[best]:.1%} "
+            f"at alpha {ALPHAS[best]:g} ({verdict})",
+            flush=True,
+        )
 
 
 def _plot(curves: dict, path: Path) -> None:
@@ -387,8 +400,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--gentle", default="40,1e-4", help="steps,lr of the gentle fine-tune")
-    parser.add_argument("--strong", default="150,1e-3", help="steps,lr of the strong fine-tune")
-    parser.add_argument("--bias-steps", type=int, default=120)
+    parser.add_argument("--strong", default="100,1e-3", help="steps,lr of the strong fine-tune")
+    parser.add_argument("--bias-steps", type=int, default=100)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

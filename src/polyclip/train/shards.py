@@ -9,7 +9,7 @@ type)), and ``braceexpand`` for ``data-{000..099}.tar``. Images are any extensio
 Splitting. webdataset's own ``split_by_node`` / ``split_by_worker`` hand out whole shards, which reads
 every sample exactly once only when the streams (ranks x workers) divide the shards and the shards
 are of equal size: 6 shards on 4 streams read 16 of 96 samples twice per epoch and 16 never. Here the
-split is by samples instead. The samples are counted once from the tar headers (`count_samples`,
+split is by samples instead. The samples are counted once from the tar headers (`shard_sizes`,
 which seeks past the data). Epoch ``e`` lays the shards out in an order seeded by ``e`` (the same on
 every rank and worker) and numbers their samples ``0 .. N-1``; one epoch uses the first
 ``steps * batch_size`` of them, counted from a seeded starting number (cyclically), so the samples
@@ -100,11 +100,6 @@ def shard_sizes(paths: list[str]) -> list[int]:
             raise DataError(f"cannot read shard {path}: {error}") from error
         sizes.append(count)
     return sizes
-
-
-def count_samples(paths: list[str]) -> int:
-    """Samples in the shards (`shard_sizes` summed)."""
-    return sum(shard_sizes(paths))
 
 
 def _samples_in(path: str, first: int, stop: int) -> Iterator[tuple[str, dict[str, bytes]]]:
