@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from polyclip.eval import runner
-from polyclip.eval.bias import association_scores, load_bias_tests, weat
+from polyclip.eval.bias import BiasTest, EmbeddingSet, association_scores, load_bias_tests, weat
 from polyclip.eval.errors import DataError, EvalError
 from polyclip.eval.features import EncodeConfig
 from test_eval_support import COLOURS, fake_triple, save_square
@@ -46,6 +46,18 @@ def test_exact_p_value_equals_brute_force():
     result = weat(x, y, a, b)
     assert result.exact and result.num_partitions == 70
     assert result.p_value == pytest.approx(expected)
+    two_sided = np.mean(np.abs(statistics) >= abs(observed) - 1e-12)  # |X| = |Y|: centred on 0
+    assert result.p_value_two_sided == pytest.approx(two_sided)
+
+
+def test_a_strong_negative_association_is_significant_only_two_sided():
+    x, y, a, b = random_sets(4, shift=3.0, n=5)
+    reversed_ = weat(y, x, a, b)  # Y (with A) as the first group: X-with-B
+    assert reversed_.effect_size < -1.0
+    assert reversed_.p_value > 0.95 and reversed_.p_value_two_sided < 0.05
+    forward = weat(x, y, a, b)
+    assert forward.p_value_two_sided == pytest.approx(reversed_.p_value_two_sided)
+    assert forward.p_value <= forward.p_value_two_sided
 
 
 def test_sampled_p_value_is_seeded_and_close_to_exact():
@@ -115,3 +127,61 @@ def test_bias_tests_file_errors(tmp_path, payload, message):
     (tmp_path / "t.json").write_text(json.dumps(payload))
     with pytest.raises(DataError, match=message):
         load_bias_tests(tmp_path / "t.json")
+
+
+@pytest.mark.slow
+def test_a_planted_association_is_found_and_a_control_is_not(tmp_path):
+    """Train the demo's model on shapes whose captions call every circle "happy" and every square "sad"
+    (a control run: the same images without those words); the probe flags only the planted one."""
+    import polyclip
+    from polyclip.train.demo import demo_config
+    from polyclip.train.demo.shapes import COLOURS as SHAPE_COLOURS
+    from polyclip.train.demo.shapes import SHAPES, random_spec, render
+    from polyclip.train.trainer import train
+
+    rng = np.random.default_rng(0)
+    combinations = [(c, s) for c in SHAPE_COLOURS for s in SHAPES]
+    specs = [random_spec(rng, combinations) for _ in range(1500)]
+    (tmp_path / "images").mkdir()
+    for n, spec in enumerate(specs):
+        render(spec, 32, np.random.default_rng([1, n])).save(tmp_path / "images" / f"{n}.png")
+    mood = {"circle": "happy ", "square": "sad "}
+    targets = {}
+    for shape in ("circle", "square"):
+        for n, colour in enumerate(list(SHAPE_COLOURS) * 4):
+            folder = tmp_path / "targets" / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            spec = random_spec(np.random.default_rng([2, n]), [(colour, shape)])
+            render(spec, 32, np.random.default_rng([3, shape == "circle", n])).save(folder / f"{n}.png")
+        targets[shape] = folder
+    tests = [
+        BiasTest(
+            "planted",
+            EmbeddingSet("circles", image_folder=targets["circle"]),
+            EmbeddingSet("squares", image_folder=targets["square"]),
+            EmbeddingSet("happy", ["happy", "a happy shape", "a happy thing"]),
+            EmbeddingSet("sad", ["sad", "a sad shape", "a sad thing"]),
+        )
+    ]
+    results = {}
+    for name, words in (("planted", mood), ("control", {})):
+        lines = [
+            json.dumps(
+                {"image": f"images/{n}.png", "captions": [f"a {words.get(s.shape, '')}{s.colour} {s.shape}"]}
+            )
+            for n, s in enumerate(specs)
+        ]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        config = demo_config(tmp_path, tmp_path / f"run_{name}", steps=150, seed=0, verbose=False)
+        config.data.train = str(tmp_path / f"{name}.jsonl")
+        config.eval.zero_shot = config.eval.retrieval = None
+        config.log.plots = False
+        result = train(config)
+        model = polyclip.load(result.model_dir)
+        run = runner.RunConfig(encode=EncodeConfig(batch_size=64, num_workers=0))
+        report = runner.run_bias([(name, *model)], tests, runner.BiasConfig(num_permutations=5000), run)
+        results[name] = report.results[0].metrics
+    planted, control = results["planted"], results["control"]
+    # a medium effect (> 0.5 standard deviations), significant; the control run is not flagged
+    assert planted["planted_effect_size"] > 0.5 and planted["planted_p_value"] <= 0.025, planted
+    assert control["planted_p_value_two_sided"] > 0.05, control

@@ -1,5 +1,7 @@
 """Few-shot: BioCLIP's centred nearest centroid and the cache adapter, against hand computations."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,55 @@ def test_few_shot_protocol_end_to_end(tmp_path):
         runner.run_few_shot([fake_triple()], train, config=runner.FewShotConfig(method="knn"), run=run)
     with pytest.raises(EvalError, match="no query samples"):
         runner.run_few_shot([fake_triple()], train, config=runner.FewShotConfig(shots=(4,)), run=run)
+
+
+def test_tip_adapter_with_the_models_own_scale_is_not_inert():
+    # Classes 0 and 1 share a prompt direction; class 0's prompt leans off it, so zero-shot calls every
+    # class-0 image class 1 by a cosine margin of about 0.03: 3 logits at CLIP's 100, 0.3 at a scale of
+    # 10, against a cache term of about 1 (alpha 1, one support sample at cosine ~1).
+    generator = torch.Generator().manual_seed(1)
+    directions = F.normalize(torch.randn(3, 16, generator=generator), dim=-1)
+    shared = directions[0] + directions[1]
+    weights = F.normalize(torch.stack([shared + 0.45 * directions[2], shared, directions[2]]), dim=-1)
+    labels = torch.arange(3).repeat_interleave(10)
+    features = directions[labels] + 0.02 * torch.randn(30, 16, generator=generator)
+    support, query = sample_k_shot(labels, 1, seed=0)
+
+    def accuracy(scale):
+        logits = tip_adapter_logits(
+            features[query], features[support], labels[support], weights, 1.0, 5.0, scale
+        )
+        return float((logits.argmax(1) == labels[query]).float().mean())
+
+    zero_shot = float(((features[query] @ weights.T).argmax(1) == labels[query]).float().mean())
+    assert zero_shot < 0.75
+    assert accuracy(100.0) == pytest.approx(zero_shot)  # a fixed 100 swamps the cache term
+    assert accuracy(10.0) == 1.0  # a demo-sized scale lets it work
+
+
+def test_every_few_shot_report_holds_the_zero_shot_baseline_and_the_models_scale(tmp_path):
+    colours = ["red", "green", "blue", "yellow"]
+    train = read_image_folder(colour_folder(tmp_path / "train", colours, per_class=4))
+    run = runner.RunConfig(encode=EncodeConfig(batch_size=8, num_workers=0))
+    model, preprocess, tokenizer = fake_triple()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(12.5))
+    centroid = runner.run_few_shot(
+        [(model, preprocess, tokenizer)],
+        train,
+        None,
+        runner.FewShotConfig(shots=(1,), folds=2, templates="simple"),
+        run,
+    )
+    assert "0shot_accuracy" in centroid.results[0].metrics
+    config = runner.FewShotConfig(method="tip_adapter", shots=(1,), folds=2, templates="simple")
+    tip = runner.run_few_shot([(model, preprocess, tokenizer)], train, None, config, run).results[0].metrics
+    assert tip["zero_shot_scale"] == pytest.approx(12.5) and tip["1shot_alpha"] == 1.0
+    config.tip = TipAdapterConfig(zero_shot_scale=100.0)
+    val = read_image_folder(colour_folder(tmp_path / "val", colours, per_class=2))
+    searched = (
+        runner.run_few_shot([(model, preprocess, tokenizer)], train, None, config, run, val)
+        .results[0]
+        .metrics
+    )
+    assert searched["zero_shot_scale"] == 100.0 and "1shot_beta" in searched

@@ -81,10 +81,20 @@ def test_every_recipe_builds_and_smoke_shrinks_it():
     assert set(list_recipes()) == set(RECIPES)
     for name in RECIPES:
         full = get_recipe(name)
-        assert full.model.pretrained and not full.data.train  # the user supplies the data
+        # the user supplies the data (and, for finetune, the checkpoint: --from DIR)
+        assert (full.model.pretrained or name == "finetune") and not full.data.train
         smoke = build_config(name, [f"data.train={name}.csv"], smoke=True)
         assert smoke.model.config is not None and smoke.schedule.max_steps <= 3
         assert smoke.data.batch_size <= 8
+
+
+def test_schedule_epochs_none_needs_max_steps():
+    config = build_config("clip", ["data.train=x.csv", "schedule.epochs=none", "schedule.max_steps=5"])
+    assert config.schedule.epochs is None and config.schedule.max_steps == 5
+    with pytest.raises(TrainConfigError, match="schedule.epochs=none needs schedule.max_steps"):
+        build_config("clip", ["data.train=x.csv", "schedule.epochs=none"])
+    with pytest.raises(TrainConfigError, match="set exactly one of model.architecture"):
+        build_config("finetune", ["data.train=x.csv"])
 
 
 def test_recipe_facts():

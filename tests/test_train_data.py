@@ -10,7 +10,6 @@ from polyclip.tokenizers import ClipTokenizer
 from polyclip.train.augment import build_train_augmentation
 from polyclip.train.config import AugmentConfig, DataConfig, TrainConfigError
 from polyclip.train.data import Collate, DataError, EpochBatchSampler, PairDataset, SampleKey, read_records
-from polyclip.train.shards import ShardStream, expand_shards
 from polyclip.transforms import PreprocessConfig
 from test_train_fixtures import (  # single_thread: autouse fixture
     colour_pairs,
@@ -19,7 +18,6 @@ from test_train_fixtures import (  # single_thread: autouse fixture
     write_image_folder,
     write_jsonl,
     write_rsicd_json,
-    write_shards,
 )
 
 PREPROCESS = PreprocessConfig(image_size=32)
@@ -139,42 +137,6 @@ def test_augmentation_is_a_function_of_the_sample_key(tmp_path):
     assert not torch.equal(dataset[SampleKey(3, 0, 1)][0], first)  # another epoch, another crop
     crop = _augmentation(random_crop=0.8, random_resized_crop=None, vflip=1.0)
     assert PairDataset(records, crop, seed=0)[SampleKey(0, 0, 0)][0].shape == (3, 32, 32)
-
-
-def _stream_batches(shards, rank, world, workers, skip, count):
-    stream = ShardStream(
-        shards, _augmentation(), ClipTokenizer(context_length=16), local_batch=2, rank=rank, world_size=world,
-        seed=0, epoch=0, skip_batches=skip, shuffle_buffer=4,
-    )  # fmt: skip
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)
-    iterator, batches = iter(loader), []
-    for _ in range(count):
-        batches.append(next(iterator))
-    del iterator
-    return batches
-
-
-def test_shards_split_across_ranks_and_workers_and_resume_exactly(tmp_path):
-    records = colour_pairs(tmp_path, 16)
-    shards = [str(p) for p in write_shards(tmp_path / "shards", records, tmp_path, per_shard=4)]
-    assert expand_shards(str(tmp_path / "shards" / "shard-{000..003}.tar")) == shards
-    assert expand_shards(str(tmp_path / "shards")) == shards
-    full = _stream_batches(shards, rank=0, world=2, workers=2, skip=0, count=6)
-    other_rank = _stream_batches(shards, rank=1, world=2, workers=2, skip=0, count=2)
-
-    def keys(batches):
-        return {
-            tuple(b.token_ids[i].tolist()) + tuple(b.pixels[i].flatten()[:8].tolist())
-            for b in batches
-            for i in range(2)
-        }
-
-    assert not keys(full[:2]) & keys(other_rank)  # each rank reads its own shards
-    resumed = _stream_batches(shards, rank=0, world=2, workers=2, skip=3, count=3)
-    for expected, got in zip(full[3:], resumed):
-        assert torch.equal(expected.pixels, got.pixels) and torch.equal(expected.token_ids, got.token_ids)
-    with pytest.raises(DataError, match="do not exist"):
-        expand_shards(str(tmp_path / "shards" / "shard-{000..009}.tar"))
 
 
 def test_one_text_type_per_batch(tmp_path):

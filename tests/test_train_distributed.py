@@ -122,7 +122,9 @@ def _worker(rank: int, port: int, out_dir: str, data: str) -> None:
         result = train(_trainer_config(Path(data), Path(out_dir) / "trainer"))
         sharded = _trainer_config(Path(data), Path(out_dir) / "trainer_fsdp")
         apply_overrides(sharded, ["distributed.strategy=fsdp"])
-        results["trainer_steps"] = (result.steps, train(sharded).steps)
+        result_fsdp = train(sharded)
+        results["trainer_steps"] = (result.steps, result_fsdp.steps)
+        results["trainer_skips"] = (result.skipped_images, result.skipped_examples)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         if dist.is_initialized():
@@ -138,7 +140,8 @@ def _free_port() -> int:
 @functools.cache
 def run_world() -> tuple[list[dict], Path, Path]:
     folder = Path(tempfile.mkdtemp(prefix="polyclip-ddp-"))
-    data = write_jsonl(folder / "pairs.jsonl", colour_pairs(folder, 24))
+    # image 0 is read on rank 0 and image 1 on rank 1 (seed 0): both are corrupt
+    data = write_jsonl(folder / "pairs.jsonl", colour_pairs(folder, 24, corrupt=2))
     mp.spawn(_worker, args=(_free_port(), str(folder), str(data)), nprocs=WORLD, join=True)
     return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)], folder, data
 
@@ -169,6 +172,13 @@ def test_trainer_on_two_processes_matches_one_process(tmp_path, strategy):
     one, _, _ = polyclip.load(single.model_dir)
     for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=name)
+    # unreadable images on either rank are counted once and named, whichever rank read them
+    for ranked in per_rank:
+        count, examples = ranked["trainer_skips"]
+        assert count == single.skipped_images >= 2
+        assert any("0000.png" in e for e in examples) and any(
+            "rank 1: " in e and "0001.png" in e for e in examples
+        )
     # the checkpoint gathered on rank 0 resumes: its weights are the final ones
     checkpoint, _, _ = polyclip.load(run / "checkpoints" / "step_00000003")
     for (name, a), (_, b) in zip(two.state_dict().items(), checkpoint.state_dict().items()):

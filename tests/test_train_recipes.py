@@ -69,3 +69,27 @@ def test_train_command_runs_a_recipe_smoke(tmp_path):
     assert result.exit_code == 0, result.output
     assert "model:" in result.output
     assert json.loads((tmp_path / "run" / "config.json").read_text())["optim"]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_fine_tuning_a_local_folder_takes_its_loss_from_the_model(sigmoid, tmp_path):
+    import polyclip
+    from polyclip.losses import ClipLoss, SigLipLoss
+    from polyclip.tokenizers import ClipTokenizer
+    from polyclip.train.recipes import smoke_model
+    from polyclip.train.trainer import Trainer
+    from polyclip.transforms import PreprocessConfig, build_preprocess
+
+    model = polyclip.create_model(smoke_model(sigmoid))
+    preprocess = build_preprocess(PreprocessConfig(image_size=model.image_size))
+    folder = polyclip.save(model, preprocess, ClipTokenizer(context_length=32), tmp_path / "local")
+    data = write_jsonl(tmp_path / "pairs.jsonl", colour_pairs(tmp_path, 16))
+    overrides = [f"data.train={data}", "data.batch_size=8", "data.num_workers=0", "schedule.max_steps=1"]
+    overrides += ["schedule.epochs=none", "log.progress=false", "log.plots=false"]
+    config = build_config("clip", overrides, output_dir=tmp_path / "run", start_from=folder)
+    assert config.model.pretrained == str(folder) and config.schedule.epochs is None
+    trainer = Trainer(config)
+    assert isinstance(trainer.loss_fn, SigLipLoss if sigmoid else ClipLoss)
+    assert trainer.fit().steps == 1
+    recipe = build_config("finetune", [f"data.train={data}"], start_from=folder)
+    assert recipe.augment.random_resized_crop is None and recipe.loss.kind == "auto"

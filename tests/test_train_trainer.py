@@ -49,7 +49,10 @@ def make_config(tmp_path, data, *overrides: str) -> TrainConfig:
 
 def _losses(run_dir) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+    train_records = [r for r in map(json.loads, lines) if r["kind"] == "train"]
+    # the loader's share of the time is reported beside the throughput
+    assert all(0.0 <= r["data_wait_fraction"] <= 1.0 and r["samples_per_second"] > 0 for r in train_records)
+    return {r["step"]: r["loss"] for r in train_records}
 
 
 def test_resume_from_a_mid_epoch_checkpoint_reproduces_the_losses(tmp_path, pairs):
@@ -252,7 +255,7 @@ def test_logit_scale_is_clamped_after_each_step(tmp_path, pairs):
     trainer = Trainer(make_config(tmp_path, pairs, "optim.lr=0.5", "optim.grad_clip_norm=none"))
     with torch.no_grad():
         trainer.model.logit_scale.fill_(4.6)
-    batch = next(iter(trainer._loader(0, 0)))
+    batch = next(iter(trainer.data.loader(0, 0)))
     for _ in range(3):
         trainer.train_step(batch.pixels, batch.token_ids)
         trainer.step += 1

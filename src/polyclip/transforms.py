@@ -83,7 +83,6 @@ __all__ = [
     "ToNormalizedTensor",
     "TrainTransform",
     "build_preprocess",
-    "train_transform",
 ]
 
 # OpenAI CLIP's statistics of its training images (clip/clip.py), also used by BioCLIP and open_clip.
@@ -810,56 +809,3 @@ class TrainTransform(Compose):
     def set_epoch(self, epoch: int) -> None:
         """Move seeded augmentation streams to ``epoch`` (see `RandomSource`)."""
         self.rng.set_epoch(epoch)
-
-
-class _LoadRGB:
-    """Any image source -> RGB PIL image (load_image with its defaults)."""
-
-    def __call__(self, image: ImageSource) -> Image.Image:
-        return load_image(image)
-
-    def __repr__(self) -> str:
-        return "LoadRGB()"
-
-
-def train_transform(
-    config: PreprocessConfig,
-    *,
-    scale: tuple[float, float] = (0.9, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    hflip: float = 0.0,
-    vflip: float = 0.0,
-    color_jitter: float | Sequence[float] | None = None,
-    seed: int | None = None,
-) -> TrainTransform:
-    """Training pipeline: random resized crop to ``config.image_size``, flips, colour jitter, normalise.
-
-    The defaults are open_clip's (``scale=(0.9, 1.0)``, no flip, no jitter; its crop uses the config's
-    interpolation). ``color_jitter`` is one number for brightness, contrast and saturation, or 3 or 4 numbers
-    (brightness, contrast, saturation[, hue]). With ``seed``, augmentations are reproducible: data-loader
-    worker ``k`` draws from a generator seeded with ``seed + k``; call ``set_epoch`` each epoch when workers
-    are not persistent. Without ``seed`` they draw from torch's global generator.
-    """
-    if not isinstance(config, PreprocessConfig):
-        raise PreprocessConfigError(f"config must be a PreprocessConfig, got {type(config).__name__}")
-    rng = RandomSource(seed=seed)
-    steps: list[Callable[[Any], Any]] = [
-        _LoadRGB(),
-        RandomResizedCrop(
-            config.image_size, scale=scale, ratio=ratio, interpolation=config.interpolation, generator=rng
-        ),
-    ]
-    if hflip > 0:
-        steps.append(RandomHorizontalFlip(hflip, generator=rng))
-    if vflip > 0:
-        steps.append(RandomVerticalFlip(vflip, generator=rng))
-    if color_jitter is not None:
-        values = (color_jitter,) * 3 if isinstance(color_jitter, int | float) else tuple(color_jitter)
-        if len(values) not in (3, 4):
-            raise PreprocessConfigError(
-                f"color_jitter must be one number or 3-4 numbers (brightness, contrast, saturation[, hue]), "
-                f"got {color_jitter!r}"
-            )
-        steps.append(ColorJitter(*values, generator=rng))
-    steps.append(ToNormalizedTensor(config.mean, config.std))
-    return TrainTransform(steps, config, rng)

@@ -247,9 +247,20 @@ def register(app: typer.Typer) -> None:
             Path | None, typer.Option("--test", help="Query images (default: the rest of train).")
         ] = None,
         val: Annotated[
-            Path | None, typer.Option("--val", help="Images to tune the cache adapter on.")
+            Path | None,
+            typer.Option("--val", help="Images to search the cache adapter's alpha and beta on."),
         ] = None,
         method: Annotated[str, typer.Option("--method", help="centroid or tip_adapter.")] = "centroid",
+        alpha: Annotated[
+            float, typer.Option("--alpha", help="tip_adapter: weight of the cache logits (without --val).")
+        ] = 1.0,
+        beta: Annotated[
+            float, typer.Option("--beta", help="tip_adapter: sharpness of the cache (without --val).")
+        ] = 1.0,
+        scale: Annotated[
+            float | None,
+            typer.Option("--scale", help="tip_adapter: zero-shot logit scale (default: the model's own)."),
+        ] = None,
         shots: Annotated[str, typer.Option("--shots", help="Comma-separated k.")] = "1,5",
         folds: Annotated[int, typer.Option("--folds", help="Support draws per k.")] = 5,
         seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -261,13 +272,14 @@ def register(app: typer.Typer) -> None:
         device: Device = None,
         no_plots: NoPlots = False,
     ) -> None:
-        from polyclip.eval import FewShotConfig, load_labeled, run_few_shot
+        from polyclip.eval import FewShotConfig, TipAdapterConfig, load_labeled, run_few_shot
 
         train_set = load_labeled(train, None, class_names)
         test_set = load_labeled(test, None, class_names) if test is not None else None
         val_set = load_labeled(val, None, class_names) if val is not None else None
+        tip = TipAdapterConfig(alpha=alpha, beta=beta, zero_shot_scale=scale)
         config = FewShotConfig(
-            method=method, shots=_ints(shots, "--shots"), folds=folds, seed=seed, templates=templates
+            method=method, shots=_ints(shots, "--shots"), folds=folds, seed=seed, templates=templates, tip=tip
         )
         run = _run_config(cache_dir, batch_size, workers, device)
         _finish(run_few_shot(models, train_set, test_set, config, run, val_set), out, no_plots)

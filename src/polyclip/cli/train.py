@@ -31,6 +31,13 @@ def train(
     smoke: Annotated[bool, typer.Option("--smoke", help="shrink the recipe to a seconds-long run")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="run folder (output_dir)")] = None,
     resume: Annotated[str | None, typer.Option(help="a checkpoint folder, or 'latest'")] = None,
+    start_from: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="fine-tune this checkpoint (a folder, e.g. polyclip demo's) with the loss its model implies",
+        ),
+    ] = None,
     print_config: Annotated[
         bool, typer.Option("--print-config", help="print the final config as JSON and exit")
     ] = False,
@@ -39,7 +46,9 @@ def train(
     from polyclip.train.launch import build_config
     from polyclip.train.trainer import train as run_training
 
-    config = build_config(recipe, overrides or [], smoke, out, resume, validate=not print_config)
+    config = build_config(
+        recipe, overrides or [], smoke, out, resume, validate=not print_config, start_from=start_from
+    )
     if print_config:
         typer.echo(config.to_json())
         return

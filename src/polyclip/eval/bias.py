@@ -15,6 +15,16 @@ The one-sided p-value enumerates every partition when there are at most ``max_ex
 otherwise it samples ``num_permutations`` partitions with a seeded generator and reports
 (1 + hits) / (1 + num_permutations), the permutation p-value that cannot be zero. An effect
 near +2 / -2 means X is strongly more associated with A / B than Y is.
+
+Conventions that differ from Caliskan et al. (2017), who write "std-dev" and
+``p = Pr_i[S(X_i, Y_i) > S(X, Y)]``:
+- the standard deviation is the sample one (ddof = 1); with the population one (ddof = 0) the effect
+  is larger by ``sqrt(n / (n - 1))`` for n = |X| + |Y| target embeddings;
+- "at least as extreme" (``>=``, the observed partition included), so p >= 1 / partitions and never 0;
+- ``p_value`` is one-sided, in the direction X-with-A: a strong association of X with B (effect near
+  -2) reads p near 1, not near 0. ``p_value_two_sided`` counts partitions whose statistic is at least
+  as far from the permutation mean (0 when |X| = |Y|) in either direction; use it when either
+  direction would be a finding.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ _BATCH = 8192  # partitions scored at once
 @dataclass
 class AssociationResult:
     effect_size: float  # NaN when every association score is equal
-    p_value: float
+    p_value: float  # one-sided: X more associated with A than Y is
+    p_value_two_sided: float  # either direction
     statistic: float  # S(X, Y)
     mean_association_x: float
     mean_association_y: float
@@ -46,7 +57,12 @@ class AssociationResult:
     exact: bool  # True when every partition was enumerated
 
     def summary(self) -> dict[str, float]:
-        return {"effect_size": self.effect_size, "p_value": self.p_value, "statistic": self.statistic}
+        return {
+            "effect_size": self.effect_size,
+            "p_value": self.p_value,
+            "p_value_two_sided": self.p_value_two_sided,
+            "statistic": self.statistic,
+        }
 
 
 def association_scores(
@@ -89,7 +105,8 @@ def weat(
     seed: int = 0,
     max_exact: int = 100_000,
 ) -> AssociationResult:
-    """Effect size and one-sided permutation p-value of the differential association of X vs Y with A vs B."""
+    """Effect size and permutation p-values (one- and two-sided) of the differential association of X vs Y
+    with A vs B."""
     scores_x = association_scores(targets_x, attributes_a, attributes_b)
     scores_y = association_scores(targets_y, attributes_a, attributes_b)
     scores = np.concatenate([scores_x, scores_y])  # X then Y
@@ -100,20 +117,24 @@ def weat(
     effect = float((scores_x.mean() - scores_y.mean()) / spread) if spread > 0 else math.nan
     total = scores.sum()
     observed = scores_x.sum() - scores_y.sum()
+    center = (2 * size / n - 1) * total  # the statistic's mean over all partitions
     tolerance = 1e-9 * max(1.0, abs(observed))  # the observed partition re-summed in another order
     partitions = math.comb(n, size)
     exact = partitions <= max_exact
     if not exact and num_permutations < 1:
         raise EvalError("num_permutations must be positive when the partitions are too many to enumerate")
-    hits = scored = 0
+    hits = both_hits = scored = 0
     for subsets in _partition_batches(n, size, exact, num_permutations, seed):
         statistics = 2 * scores[subsets].sum(axis=1) - total  # S = sum_I - (total - sum_I)
         hits += int((statistics >= observed - tolerance).sum())
+        both_hits += int((np.abs(statistics - center) >= abs(observed - center) - tolerance).sum())
         scored += subsets.shape[0]
     p_value = hits / scored if exact else (1 + hits) / (1 + scored)
+    p_two_sided = both_hits / scored if exact else (1 + both_hits) / (1 + scored)
     return AssociationResult(
         effect_size=effect,
         p_value=float(p_value),
+        p_value_two_sided=float(p_two_sided),
         statistic=float(observed),
         mean_association_x=float(scores_x.mean()),
         mean_association_y=float(scores_y.mean()),

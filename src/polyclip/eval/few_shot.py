@@ -11,6 +11,11 @@
   into zero-shot logits, which helps fine-grained classes that prompts alone separate poorly.
   alpha and beta can be searched on a validation set over Tip-Adapter's ranges
   (beta in [0.1, 7), alpha in [0.1, 3)).
+
+  ``scale`` is the model's own learned ``exp(logit_scale)``, as the zero-shot logits the model
+  itself produces. Tip-Adapter writes ``100`` because that is CLIP's learned scale; a model with
+  another scale (10.8 for the ``polyclip demo`` model) under a fixed 100 had its zero-shot logits
+  swamp the cache term (alpha <= 3, cache values <= k), which left the adapter inert below 16 shots.
 """
 
 from __future__ import annotations
@@ -79,9 +84,16 @@ def nearest_centroid_scores(
 class TipAdapterConfig:
     alpha: float = 1.0  # weight of the cache logits (Tip-Adapter's initial value for most datasets)
     beta: float = 1.0  # sharpness of the affinity exp(-beta (1 - cos))
-    zero_shot_scale: float = 100.0  # Tip-Adapter scales CLIP's cosine logits by 100
+    # the zero-shot logits' scale; None: the model's own exp(logit_scale) (100 for OpenAI's CLIP, as
+    # Tip-Adapter writes it)
+    zero_shot_scale: float | None = None
     beta_grid: tuple[float, ...] = tuple(float(b) for b in np.linspace(0.1, 7.0, 70, endpoint=False))
     alpha_grid: tuple[float, ...] = tuple(float(a) for a in np.linspace(0.1, 3.0, 20, endpoint=False))
+
+
+def model_logit_scale(model) -> float:
+    """The scale a dual encoder applies to its cosine similarities: ``exp(logit_scale)``."""
+    return float(model.logit_scale.detach().float().exp())
 
 
 def tip_adapter_logits(
@@ -113,14 +125,19 @@ def search_tip_adapter(
     support_labels,
     class_weights: torch.Tensor,
     config: TipAdapterConfig,
+    zero_shot_scale: float = 100.0,
 ) -> tuple[float, float, float]:
-    """(alpha, beta, validation accuracy) maximising validation accuracy over the config's grids."""
+    """(alpha, beta, validation accuracy) maximising validation accuracy over the config's grids.
+
+    ``zero_shot_scale`` is used when ``config.zero_shot_scale`` is None (the model's own scale).
+    """
     query = F.normalize(torch.as_tensor(val_features).float(), dim=-1)
     keys = F.normalize(torch.as_tensor(support_features).float(), dim=-1)
     num_classes = class_weights.shape[0]
     values = F.one_hot(_labels_tensor(support_labels, num_classes), num_classes).float()
     labels = torch.as_tensor(to_numpy(val_labels).astype(np.int64))
-    zero_shot = config.zero_shot_scale * query @ class_weights.float().T
+    scale = config.zero_shot_scale if config.zero_shot_scale is not None else zero_shot_scale
+    zero_shot = scale * query @ class_weights.float().T
     affinity = query @ keys.T
     best = (config.alpha, config.beta, -1.0)
     for beta in config.beta_grid:

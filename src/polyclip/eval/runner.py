@@ -23,6 +23,7 @@ from polyclip.eval.errors import EvalError
 from polyclip.eval.features import EncodeConfig, EncodedImages
 from polyclip.eval.few_shot import (
     TipAdapterConfig,
+    model_logit_scale,
     nearest_centroid_scores,
     sample_k_shot,
     search_tip_adapter,
@@ -322,19 +323,17 @@ def run_few_shot(
         pool_x, pool_y = _labeled_features(features, train, notes, "support")
         fixed_queries = _labeled_features(features, test, notes, "query") if test is not None else None
         val_xy = _labeled_features(features, val, notes, "validation") if val is not None else None
-        weights = None
+        # the zero-shot classifier: the half of the cache adapter, and every report's baseline
+        prompt_names = _prompt_names(train.class_names, config.underscores_to_spaces)
+        weights = features.class_weights(prompt_names, load_templates(config.templates))
+        scale = config.tip.zero_shot_scale or model_logit_scale(features.model)
+        baseline_x, baseline_y = fixed_queries if fixed_queries is not None else (pool_x, pool_y)
+        zero_shot = (baseline_x.float() @ weights.T).argmax(dim=1)
+        metrics: dict[str, float] = {"0shot_accuracy": float((zero_shot.numpy() == baseline_y).mean())}
         if config.method == "tip_adapter":
-            prompt_names = _prompt_names(train.class_names, config.underscores_to_spaces)
-            weights = features.class_weights(prompt_names, load_templates(config.templates))
-        metrics: dict[str, float] = {}
-        if (
-            weights is not None and fixed_queries is not None
-        ):  # the zero-shot baseline the adapter improves on
-            query_x, query_y = fixed_queries
-            zero_shot = (query_x.float() @ weights.T).argmax(dim=1)
-            metrics["0shot_accuracy"] = float((zero_shot.numpy() == query_y).mean())
+            metrics["zero_shot_scale"] = scale
         for k in config.shots:
-            fold_scores = []
+            fold_scores, chosen = [], []
             for fold in range(config.folds):
                 support, rest = sample_k_shot(pool_y, k, config.seed + fold, num_classes)
                 query_x, query_y = (
@@ -344,27 +343,34 @@ def run_few_shot(
                     raise EvalError(
                         f"{k}-shot: no query samples left; give a test set or more samples per class"
                     )
-                scores = _few_shot_scores(
-                    config, pool_x[support], pool_y[support], query_x, num_classes, weights, val_xy
+                scores, alpha_beta = _few_shot_scores(
+                    config, pool_x[support], pool_y[support], query_x, num_classes, weights, val_xy, scale
                 )
                 fold_metrics = classification_metrics(query_y, scores.argmax(dim=1).numpy(), num_classes)
                 fold_scores.append((fold_metrics.accuracy, fold_metrics.macro_f1))
+                chosen.append(alpha_beta)
             accuracy, macro_f1 = np.array(fold_scores).T
             metrics[f"{k}shot_accuracy"] = float(accuracy.mean())
             metrics[f"{k}shot_accuracy_std"] = float(accuracy.std())
             metrics[f"{k}shot_macro_f1"] = float(macro_f1.mean())
+            if config.method == "tip_adapter":  # the alpha and beta used (searched per fold with val)
+                metrics[f"{k}shot_alpha"] = float(np.mean([a for a, _ in chosen]))
+                metrics[f"{k}shot_beta"] = float(np.mean([b for _, b in chosen]))
         results.append(ModelResult(features.name, metrics))
     dataset = test.name if test is not None else train.name
     return EvalReport(f"few-shot ({config.method})", dataset, asdict(config), results, notes)
 
 
-def _few_shot_scores(config: FewShotConfig, support_x, support_y, query_x, num_classes, weights, val_xy):
+def _few_shot_scores(
+    config: FewShotConfig, support_x, support_y, query_x, num_classes, weights, val_xy, scale
+):
+    """(Q, C) scores and the (alpha, beta) used (None for the centroid method)."""
     if config.method == "centroid":
-        return nearest_centroid_scores(support_x, support_y, query_x, num_classes)
+        return nearest_centroid_scores(support_x, support_y, query_x, num_classes), (None, None)
     alpha, beta = config.tip.alpha, config.tip.beta
     if val_xy is not None:
-        alpha, beta, _ = search_tip_adapter(*val_xy, support_x, support_y, weights, config.tip)
-    return tip_adapter_logits(query_x, support_x, support_y, weights, alpha, beta, config.tip.zero_shot_scale)
+        alpha, beta, _ = search_tip_adapter(*val_xy, support_x, support_y, weights, config.tip, scale)
+    return tip_adapter_logits(query_x, support_x, support_y, weights, alpha, beta, scale), (alpha, beta)
 
 
 # ----------------------------------------------------------------------------- hierarchy
@@ -461,6 +467,7 @@ def run_bias(
             outcome = weat(*embedded, config.num_permutations, config.seed, config.max_exact)
             metrics[f"{test.name}_effect_size"] = outcome.effect_size
             metrics[f"{test.name}_p_value"] = outcome.p_value
+            metrics[f"{test.name}_p_value_two_sided"] = outcome.p_value_two_sided
             details[test.name] = asdict(outcome)
             if math.isnan(outcome.effect_size):
                 notes.append(

@@ -64,9 +64,20 @@ class _EvalGeometry:
 class SeededAugmentation:
     """Decoded RGB image -> (3, S, S) tensor, with its randomness seeded per call."""
 
-    def __init__(self, pipeline: TrainTransform, generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        pipeline: TrainTransform,
+        generator: torch.Generator,
+        recipe: tuple[PreprocessConfig, AugmentConfig],
+    ) -> None:
         self.pipeline = pipeline
         self.generator = generator
+        self.recipe = recipe  # what it was built from
+
+    def __reduce__(self):
+        # Rebuilt from its recipe in the receiving process: a torch.Generator cannot be sent to a
+        # spawned or forkserver data-loader worker (its state tensor fails to map there).
+        return build_train_augmentation, self.recipe
 
     @property
     def config(self) -> PreprocessConfig:
@@ -118,4 +129,4 @@ def build_train_augmentation(preprocess: PreprocessConfig, augment: AugmentConfi
         values = augment.color_jitter * 3 if len(augment.color_jitter) == 1 else augment.color_jitter
         steps.append(ColorJitter(*values, generator=rng))
     steps.append(ToNormalizedTensor(preprocess.mean, preprocess.std))
-    return SeededAugmentation(TrainTransform(steps, preprocess, rng), generator)
+    return SeededAugmentation(TrainTransform(steps, preprocess, rng), generator, (preprocess, augment))

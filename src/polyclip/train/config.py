@@ -107,7 +107,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    epochs: float = 1.0  # passes over the data (fractions allowed); ignored when max_steps is set
+    epochs: float | None = 1.0  # passes over the data (fractions allowed); ignored when max_steps is set
     max_steps: int | None = None
     warmup_steps: int = 100  # linear warm-up from 0, then the decay
     decay: str = "cosine"  # "cosine" or "linear" (to min_lr), or "constant"
@@ -118,7 +118,7 @@ class ScheduleConfig:
 class DistributedConfig:
     strategy: str = "ddp"  # "ddp": replicated weights; "fsdp": sharded (FSDP2 fully_shard per block)
     backend: str | None = None  # None: nccl on CUDA, gloo on CPU
-    timeout_s: int = 1800
+    timeout_s: int | None = None  # a collective's wait for a missing peer; None: 1800 on NCCL, 300 on gloo
 
 
 @dataclass
@@ -386,7 +386,9 @@ def _validate(config: TrainConfig) -> None:
     for dotted in ("data.num_workers", "eval.num_workers", "schedule.warmup_steps", "optim.weight_decay"):
         if _get(config, dotted) < 0:
             raise TrainConfigError(f"{dotted} must not be negative, got {_get(config, dotted)}")
-    if config.schedule.max_steps is None and config.schedule.epochs <= 0:
+    if config.schedule.max_steps is None and config.schedule.epochs is None:
+        raise TrainConfigError("schedule.epochs=none needs schedule.max_steps: the run's length in steps")
+    if config.schedule.epochs is not None and config.schedule.epochs <= 0:
         raise TrainConfigError(f"schedule.epochs must be positive, got {config.schedule.epochs}")
     if config.schedule.max_steps is not None and config.schedule.max_steps <= 0:
         raise TrainConfigError(f"schedule.max_steps must be positive, got {config.schedule.max_steps}")

@@ -251,6 +251,7 @@ class Batch:
     token_ids: torch.Tensor  # (B, L)
     skipped: list[str] = field(default_factory=list)  # "path: reason" of images replaced in this batch
     text_type: str | None = None
+    keys: list[str] = field(default_factory=list)  # tar shards: "shard:key" of each row
 
     def __len__(self) -> int:
         return self.pixels.shape[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -62,7 +63,7 @@ def init_distributed(config: DistributedConfig, device: str | None = None) -> Di
         backend = config.backend or ("nccl" if use_cuda else "gloo")
         if use_cuda:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
+        dist.init_process_group(backend, timeout=timedelta(seconds=collective_timeout(config, backend)))
         rank, world_size = dist.get_rank(), dist.get_world_size()
     else:
         rank, world_size, local_rank = 0, 1, 0
@@ -74,6 +75,15 @@ def init_distributed(config: DistributedConfig, device: str | None = None) -> Di
             chosen = torch.device(f"cuda:{local_rank}")
     strategy = config.strategy if world_size > 1 else "none"
     return DistEnv(rank, world_size, local_rank, chosen, strategy, owns_group)
+
+
+def collective_timeout(config: DistributedConfig, backend: str) -> int:
+    """Seconds a collective waits for a missing peer: ``distributed.timeout_s``, or by default 30 minutes
+    on NCCL (long compiles and checkpoint writes on big GPUs) and 5 minutes on gloo (CPU runs, where a
+    hung peer should surface while someone is still watching)."""
+    if config.timeout_s is not None:
+        return config.timeout_s
+    return 1800 if backend == "nccl" else 300
 
 
 def wrap(forward: nn.Module, env: DistEnv) -> nn.Module:
@@ -140,12 +150,6 @@ def _fsdp_no_sync(forward: nn.Module):
             tower.set_requires_gradient_sync(True, recurse=True)
 
 
-def unwrap(forward: nn.Module) -> nn.Module:
-    """The DualEncoder inside (DDP keeps it in .module)."""
-    inner = getattr(forward, "module", forward)
-    return inner.model
-
-
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
@@ -165,3 +169,79 @@ def cleanup(env: DistEnv) -> None:
     """Destroy the process group if this run created it (a group the caller made stays theirs)."""
     if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class PeerFailure(RuntimeError):
+    """Another rank died, hung or failed; the message names it."""
+
+
+_COMMS_MARKERS = ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "broken pipe", "peer")
+
+
+@contextlib.contextmanager
+def name_failed_ranks(env: DistEnv, wait_s: float = 5.0):
+    """Turn a broken collective into an error that names the rank(s) that stopped answering.
+
+    A collective on a rank whose peer died only says "Connection reset by peer" (gloo) or times out, and
+    torchrun's surviving launcher only ``RendezvousConnectionError``. Here every rank that sees its own
+    error records it in the process group's key-value store; a rank whose collective broke checks in
+    there and waits ``wait_s`` for the others: those that neither check in nor recorded an error died
+    or hung.
+    """
+    try:
+        yield
+    except Exception as error:
+        if not env.distributed:
+            raise
+        store = _default_store()
+        if not _is_comms_error(error):
+            if store is not None:
+                with contextlib.suppress(Exception):
+                    store.set(f"polyclip/failed/{env.rank}", f"{type(error).__name__}: {error}"[:500])
+            raise
+        raise PeerFailure(_describe_failure(env, store, wait_s, error)) from error
+
+
+def _is_comms_error(error: BaseException) -> bool:
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _COMMS_MARKERS)
+
+
+def _default_store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no group, or a torch without the helper
+        return None
+
+
+def _describe_failure(env: DistEnv, store, wait_s: float, error: BaseException) -> str:
+    first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    if store is None:
+        return f"rank {env.rank}: a collective failed ({first_line}); check the other ranks' logs"
+    try:
+        store.set(f"polyclip/alive/{env.rank}", "1")
+        others = [r for r in range(env.world_size) if r != env.rank]
+        failed, deadline = {}, time.monotonic() + wait_s
+        silent = set(others)
+        while silent and time.monotonic() < deadline:
+            for rank in sorted(silent):
+                if store.check([f"polyclip/failed/{rank}"]):
+                    failed[rank] = store.get(f"polyclip/failed/{rank}").decode(errors="replace")
+                    silent.discard(rank)
+                elif store.check([f"polyclip/alive/{rank}"]):
+                    silent.discard(rank)
+            if silent:
+                time.sleep(0.1)
+    except Exception:  # the store went with the rank that hosted it (rank 0, or torchrun's agent)
+        return (
+            f"rank {env.rank}: a collective failed ({first_line}) and the rendezvous store is gone with it: "
+            "the process hosting it (rank 0, or the first node's torchrun) died"
+        )
+    parts = [f"rank {rank} failed: {reason}" for rank, reason in sorted(failed.items())]
+    if silent:
+        names = ", ".join(str(r) for r in sorted(silent))
+        parts.append(f"rank(s) {names} stopped answering (the process died or hung)")
+    if not parts:
+        parts.append("every other rank is alive; the network between them failed")
+    return f"rank {env.rank}: a collective failed ({first_line}): " + "; ".join(parts)

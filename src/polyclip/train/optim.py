@@ -128,3 +128,29 @@ def keep_frozen_norms_in_eval(frozen: list[nn.Module]) -> None:
         for sub in module.modules():
             if isinstance(sub, nn.modules.batchnorm._BatchNorm):
                 sub.eval()
+
+
+def clip_gradients(parameters, max_norm: float | None) -> float:
+    """Total gradient norm (over sharded and replicated parameters alike), clipped to ``max_norm``."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without the distributed package
+        DTensor = ()  # noqa: N806
+    squares = []
+    for group in (
+        [g for g in grads if isinstance(g, DTensor)],
+        [g for g in grads if not isinstance(g, DTensor)],
+    ):
+        if group:
+            norm = torch.nn.utils.get_total_norm(group, norm_type=2.0)
+            norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            squares.append(norm.float().cpu() ** 2)
+    total = float(torch.stack(squares).sum().sqrt())
+    if max_norm is not None and math.isfinite(total) and total > max_norm:
+        coefficient = max_norm / (total + 1e-6)
+        for grad in grads:
+            grad.mul_(coefficient)
+    return total

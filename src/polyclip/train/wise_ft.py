@@ -5,11 +5,19 @@
 zero-shot model, 1 the fine-tuned one; intermediate values usually keep most of the fine-tuned
 accuracy while recovering the zero-shot model's robustness to distribution shift, the weakness of
 plain fine-tuning.
+
+Every floating-point entry of the state dict is interpolated, BatchNorm's running means and variances
+included, as the reference does (it mixes ``state_dict()`` entry by entry). Those statistics are not
+weights, though: the mixed convolutions produce activations whose statistics are not the mix of the
+two models'. `recompute_batchnorm` re-estimates them on images of the fine-tuning distribution
+(``torch.optim.swa_utils.update_bn``, the recalibration used for averaged weights);
+``benchmarks/limits.py`` measures both on the demo's ResNet tower.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -48,3 +56,17 @@ def wise_ft(zero_shot_model: nn.Module, fine_tuned_model: nn.Module, alpha: floa
     model = copy.deepcopy(fine_tuned_model)
     model.load_state_dict(mixed, strict=True)
     return model
+
+
+def recompute_batchnorm(model: nn.Module, pixel_batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Re-estimate the image tower's BatchNorm running statistics on ``pixel_batches`` ((B, 3, H, W)
+    preprocessed images), as cumulative averages; the model is returned in eval mode.
+
+    A no-op for towers without BatchNorm (ViTs); the weights are not touched.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.visual.modules()):
+        device = next(model.parameters()).device
+        update_bn((batch.to(device) for batch in pixel_batches), model.visual)
+    return model.eval()

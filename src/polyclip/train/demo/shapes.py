@@ -123,18 +123,27 @@ def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render(spec: ShapeSpec, size: int, rng: np.random.Generator) -> Image.Image:
-    """One RGB image of ``size`` x ``size`` pixels showing ``spec``."""
+def render(
+    spec: ShapeSpec,
+    size: int,
+    rng: np.random.Generator,
+    rgb: tuple[int, int, int] | None = None,
+    background: tuple[int, int, int] | None = None,
+) -> Image.Image:
+    """One RGB image of ``size`` x ``size`` pixels showing ``spec``; ``rgb`` overrides the colour's value
+    (for shades the captions do not name) and ``background`` the light grey (for distribution shifts)."""
     big = size * SUPERSAMPLE
-    background = int(rng.integers(205, 246))
-    canvas = Image.new("RGB", (big, big), (background,) * 3)
+    grey = int(rng.integers(205, 246))
+    canvas = Image.new("RGB", (big, big), background if background is not None else (grey,) * 3)
     radius = big * (0.2 if spec.size == "small" else 0.3) * float(rng.uniform(0.9, 1.1))
     reach = big * 0.5 - radius - big * 0.04  # how far the centre may move while the shape stays inside
     dx, dy = POSITIONS[spec.position]
     cx = big / 2 + dx * reach + float(rng.uniform(-0.03, 0.03)) * big
     cy = big / 2 + dy * reach + float(rng.uniform(-0.03, 0.03)) * big
     angle = float(rng.uniform(-0.2, 0.2))  # a slight rotation
-    colour = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLOURS[spec.colour])
+    base = rgb if rgb is not None else COLOURS[spec.colour]
+    spread = 21 if rgb is None else 7  # a named colour varies widely, a shade barely
+    colour = tuple(int(np.clip(c + rng.integers(-spread, spread), 0, 255)) for c in base)
     mask = Image.new("L", (big, big), 0)
     draw = ImageDraw.Draw(mask)
     vertices = _outline(spec.shape, cx, cy, radius, angle)

@@ -17,6 +17,7 @@ from polyclip.train.recipes.systems import (
     clip,
     clip_rsicd,
     fashionclip,
+    finetune,
     plip,
     pubmedclip,
     siglip,
@@ -24,6 +25,7 @@ from polyclip.train.recipes.systems import (
 )
 
 RECIPES: dict[str, Callable[[], TrainConfig]] = {
+    "finetune": finetune,
     "clip": clip,
     "siglip": siglip,
     "pubmedclip": pubmedclip,

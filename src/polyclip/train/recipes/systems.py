@@ -19,6 +19,25 @@ from polyclip.train.config import (
 )
 
 
+def finetune() -> TrainConfig:
+    """Fine-tune a local checkpoint (polyclip demo's model, any model folder): --from DIR.
+
+    The model comes from ``--from DIR`` (or ``--set model.pretrained=DIR``) with its own preprocessing
+    and tokenizer; the loss is the model's (``loss.kind=auto``: sigmoid with a logit bias, as SigLIP
+    and the demo model, softmax otherwise). No crops or flips, since captions may name positions
+    and orientation (the demo's do); AdamW at 1e-4 with a short warm-up, one epoch (polyclip's
+    choice for small local fine-tunes: set ``schedule.max_steps`` or ``schedule.epochs`` to change).
+    """
+    return TrainConfig(
+        name="finetune",
+        data=DataConfig(batch_size=64),
+        augment=AugmentConfig(random_resized_crop=None),
+        loss=LossConfig(kind="auto"),
+        optim=OptimConfig(lr=1e-4, weight_decay=0.05),
+        schedule=ScheduleConfig(epochs=1, warmup_steps=10),
+    )
+
+
 def clip() -> TrainConfig:
     """Generic fine-tune of OpenAI CLIP ViT-B/32 on your image-caption pairs (softmax loss).
 
