@@ -74,7 +74,7 @@ def test_embed_images_to_parquet_resumes_and_lists_failures(tiny_hf_clip_dir, tm
     folder = _images(tmp_path / "imgs", 5)
     out = tmp_path / "emb.parquet"
     # a previous run that was killed after writing one part: the rerun keeps it and adds the rest
-    from polyclip.embed_store import _write_part
+    from polyclip.embed.parquet import _write_part
 
     parts = tmp_path / "emb.parquet.parts"
     parts.mkdir()

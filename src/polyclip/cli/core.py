@@ -165,7 +165,7 @@ def embed(
     dtype: Annotated[str | None, typer.Option(help="fp32 or bf16")] = None,
 ) -> None:
     """Image or text embeddings to Parquet; resumable, unreadable files skipped and listed."""
-    from polyclip.embed_store import embed_to_parquet
+    from polyclip.embed import embed_to_parquet
 
     if not paths and text is None:
         raise typer.BadParameter("give image paths or folders, or --text FILE")
