@@ -156,3 +156,34 @@ def test_convert_to_transformers_with_tokenizer(tiny_hf_clip_dir, tmp_path):
     again, _, _ = polyclip.load(tmp_path / "oc")
     with torch.no_grad():
         torch.testing.assert_close(again.encode_text(ids), model.encode_text(ids), atol=1e-6, rtol=1e-6)
+
+
+HELP_WITHOUT_TORCH = """
+import contextlib, io, sys
+from polyclip.cli import app, command_paths, print_help_without_parsing
+paths = command_paths()
+assert len(paths) >= 30, paths
+for path in paths:
+    with contextlib.redirect_stdout(io.StringIO()) as shown:
+        assert print_help_without_parsing([*path, "--help"]), path
+    assert "Usage: polyclip" in shown.getvalue(), path
+    # the same help through typer's own parsing, and an argument error for each command
+    for args in ([*path, "--help"], [*path, "--no-such-option"]):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                app(args, prog_name="polyclip")
+            except SystemExit as stop:
+                assert stop.code == (0 if args[-1] == "--help" else 2), (args, stop.code)
+    leaked = [m for m in ("torch", "numpy", "PIL", "pyarrow") if m in sys.modules]
+    assert not leaked, (path, leaked)
+print(len(paths))
+"""
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """`polyclip --help`, every subcommand's --help and a bad option stay light: no torch, numpy, PIL."""
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) >= 30

@@ -14,8 +14,6 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand
 
-from polyclip.eval.errors import EvalError
-
 
 def expand_greedy_models(args: list[str]) -> list[str]:
     """``--models a b c`` -> ``--models a --models b --models c`` (click options take one value each)."""
@@ -65,6 +63,8 @@ Templates = Annotated[
 
 
 def _ints(text: str, option: str) -> tuple[int, ...]:
+    from polyclip.eval.errors import EvalError
+
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError as error:
@@ -79,6 +79,9 @@ def _user_errors(command: Callable) -> Callable:
 
     @wraps(command)
     def wrapper(*args, **kwargs):
+        # imported here, not at the top: polyclip.eval pulls in torch, and `--help` must not
+        from polyclip.eval.errors import EvalError
+
         try:
             return command(*args, **kwargs)
         except EvalError as error:
@@ -89,7 +92,7 @@ def _user_errors(command: Callable) -> Callable:
 
 
 def _run_config(cache_dir, batch_size, workers, device):
-    from polyclip.eval import EncodeConfig, RunConfig
+    from polyclip.eval import EncodeConfig, EvalError, RunConfig
 
     if batch_size < 1 or workers < 0:
         raise EvalError("--batch-size must be positive and --workers non-negative")
