@@ -33,6 +33,41 @@ class RegistryEntry:
     task: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def summary(self) -> dict[str, Any]:
+        """What `polyclip models` shows of the entry (its ``--json`` and its table alike)."""
+        return {
+            "system": self.system,
+            "hub_id": self.hub_id,
+            "format": self.format,
+            "architecture": self.architecture,
+            "preprocess": self.preprocess,
+            "preprocessing": _describe_preprocess(self.preprocess),
+            "tokenizer": self.tokenizer,
+            "tokenization": _describe_tokenizer(self.tokenizer),
+            "license": self.license,
+            "task": self.task,
+        }
+
+
+def _describe_preprocess(spec: str | dict[str, Any]) -> str:
+    """``"clip"`` (a preset) or an inline table, in a few words: ``shortest 336px bicubic``."""
+    if isinstance(spec, str):
+        return f"{spec} preset"
+    words = [str(spec.get("resize_mode", "shortest"))]
+    if "image_size" in spec:
+        words.append(f"{spec['image_size']}px")
+    if "interpolation" in spec:
+        words.append(str(spec["interpolation"]))
+    return " ".join(words)
+
+
+def _describe_tokenizer(spec: dict[str, Any]) -> str:
+    """``{type = "clip", context_length = 77}`` -> ``clip BPE, 77 tokens``."""
+    kind = {"clip": "CLIP BPE", "siglip": "SentencePiece", "folder": "the repo's own"}.get(
+        spec.get("type", ""), str(spec.get("type"))
+    )
+    return f"{kind}, {spec['context_length']} tokens" if "context_length" in spec else kind
+
 
 @lru_cache(maxsize=1)
 def registry() -> dict[str, RegistryEntry]:
