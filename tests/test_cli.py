@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -29,6 +30,86 @@ def test_models_lists_the_registry():
     entries = json.loads(result.output)
     assert entries["plip"]["hub_id"] == "vinid/plip"
     assert entries["bioclip"]["format"] == "open_clip"
+    assert entries["bioclip"]["preprocessing"] == "bioclip preset"
+    assert entries["clip-vit-l-14-336"]["preprocessing"] == "shortest 336px bicubic"
+    assert entries["clip-vit-b-32"]["tokenization"] == "CLIP BPE, 77 tokens"
+
+
+@pytest.mark.parametrize("columns", [80, 250])
+def test_models_table_never_breaks_a_hub_id(columns):
+    """The README's columns, and every name and hub id whole, on a narrow and on a wide terminal."""
+    from polyclip.hub import registry
+
+    env = {**os.environ, "COLUMNS": str(columns), "TERM": "dumb"}
+    shown = subprocess.run(
+        [sys.executable, "-m", "polyclip", "models"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert max(len(line) for line in shown.stdout.splitlines()) <= columns
+    for name, entry in registry().items():
+        assert name in shown.stdout and entry.hub_id in shown.stdout, entry.hub_id
+    for column in ("preprocessing", "tokenizer", "licence", "architecture"):
+        assert column in shown.stdout
+
+
+def test_templates_mean_one_thing_everywhere(tmp_path):
+    """A set name, a literal with {} and a file, through one resolver, for classify and eval alike."""
+    import typer
+
+    from polyclip.cli.options import resolve_templates_option
+    from polyclip.zero_shot import template_sets
+
+    (tmp_path / "mine.txt").write_text("# mine\nart of {}.\n")
+    assert resolve_templates_option(["plip"]) == template_sets()["plip"]
+    assert resolve_templates_option(["a photo of a {}."]) == ["a photo of a {}."]
+    assert resolve_templates_option([str(tmp_path / "mine.txt"), "plip"]) == [
+        "art of {}.",
+        *template_sets()["plip"],
+    ]
+    assert resolve_templates_option(None, "bioclip") == template_sets()["bioclip"]
+    with pytest.raises(typer.BadParameter, match="unknown template set 'nope'"):
+        resolve_templates_option(["nope"])
+    for command in (["classify"], ["eval", "zeroshot"], ["eval", "fewshot"], ["eval", "hierarchy"]):
+        help_text = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+        assert "--templates" in help_text and "--template " in help_text, command
+
+
+def test_fixed_choices_match_the_api():
+    """The choice lists of the CLI (written out so that --help needs no torch) are the API's."""
+    from polyclip.cli import domains, options, video
+    from polyclip.domains.clipbert import AGGREGATIONS
+    from polyclip.domains.taxonomy import RANKS, TEXT_TYPES
+    from polyclip.factory import DTYPES
+
+    assert [c.value for c in video.AggregationChoice] == list(AGGREGATIONS)
+    assert [c.value for c in domains.Rank] == list(RANKS)
+    assert [c.value for c in domains.TextType] == list(TEXT_TYPES)
+    assert {c.value for c in options.DtypeChoice} <= set(DTYPES)
+    result = runner.invoke(app, ["convert", "x", "--out", "y", "--to", "onnx"])
+    assert result.exit_code == 2 and "hf" in result.output and "open_clip" in result.output
+    for command in (["embed"], ["index", "build"], ["serve"]):
+        help_text = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+        assert "fp32|bf16|fp16" in help_text, command
+
+
+def test_every_json_option_says_what_it_does_and_k_is_spelled_alike():
+    import typer.main
+
+    from polyclip.cli import command_paths
+
+    root = typer.main.get_command(app)
+    checked = 0
+    for path in command_paths():
+        command = root
+        for word in path:
+            command = command.commands[word]
+        for param in getattr(command, "params", []):
+            if "--json" in param.opts:
+                assert param.help, path
+                checked += 1
+            if "-k" in param.opts or "--top-k" in param.opts:
+                assert {"-k", "--top-k"} <= set(param.opts), path
+    assert checked >= 8
 
 
 def test_info_describes_a_checkpoint(tiny_hf_clip_dir):

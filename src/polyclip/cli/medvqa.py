@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from polyclip.cli.options import JsonOutput
+
 Images = Annotated[Path, typer.Option("--images", help="Folder the records' image names are relative to.")]
 Device = Annotated[
     str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")
@@ -133,7 +135,7 @@ def train_command(
         f"{len(records)} questions, {len(vqa.dictionary)} words, {len(vqa.answers)} answers, "
         f"{sum(p.numel() for p in vqa.model.parameters()):,} parameters"
     )
-    result = train(vqa, train_set, eval_set, config, log=typer.echo)
+    result = train(vqa, train_set, eval_set, config, log=typer.echo, progress=True)
     vqa.save(out)
     (Path(out) / "history.json").write_text(json.dumps(result.history, indent=1), encoding="utf-8")
     if result.best_epoch is not None:
@@ -196,7 +198,7 @@ def evaluate_command(
         records, image_root, vqa.dictionary, vqa.answers, vqa.preprocess, vqa.config.autoencoder_size,
         vqa.config.question_length,
     )  # fmt: skip
-    result = evaluate(vqa, dataset, batch_size=batch_size or 64)
+    result = evaluate(vqa, dataset, batch_size=batch_size or 64, progress=True)
     report = result.report
     for name, value in (("overall", report.overall), ("closed", report.closed), ("open", report.open)):
         shown = "n/a" if value is None else f"{100 * value:.1f}%"
@@ -214,7 +216,7 @@ def answer_command(
     image: Annotated[Path, typer.Option("--image", help="The image the question is about.")],
     question: Annotated[str, typer.Option("--question", "-q", help="The question.")],
     device: Device = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Answer one question about one image."""
     from polyclip.domains.medvqa import MedVQA
