@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import run_polyclip
 from polyclip.cli import app
 
 runner = CliRunner()
@@ -40,10 +40,7 @@ def test_models_table_never_breaks_a_hub_id(columns):
     """The README's columns, and every name and hub id whole, on a narrow and on a wide terminal."""
     from polyclip.hub import registry
 
-    env = {**os.environ, "COLUMNS": str(columns), "TERM": "dumb"}
-    shown = subprocess.run(
-        [sys.executable, "-m", "polyclip", "models"], capture_output=True, text=True, env=env, timeout=60
-    )
+    shown = run_polyclip("models", timeout=60, COLUMNS=str(columns), TERM="dumb")
     assert shown.returncode == 0, shown.stderr
     assert max(len(line) for line in shown.stdout.splitlines()) <= columns
     for name, entry in registry().items():
@@ -192,15 +189,11 @@ def test_embed_text_file(tiny_hf_clip_dir, tmp_path):
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "polyclip", "info", str(tmp_path / "missing")], capture_output=True, text=True
-    )
+    result = run_polyclip("info", tmp_path / "missing")
     assert result.returncode == 2
     assert "error:" in result.stderr and "Traceback" not in result.stderr
     (tmp_path / "empty").mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "polyclip", "info", str(tmp_path / "empty")], capture_output=True, text=True
-    )
+    result = run_polyclip("info", tmp_path / "empty")
     assert result.returncode == 2 and "not a checkpoint folder" in result.stderr
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared helpers live in tests/
+from conftest import free_port, spawn_polyclip  # noqa: E402
 from test_index_support import make_shapes, tiny_encoder, tiny_model_dir, write_captions  # noqa: E402, F401
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -40,12 +40,6 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_encoder):
     pytest.importorskip("faiss")
@@ -61,20 +55,8 @@ def server(tmp_path_factory, tiny_encoder):
         add_paths(index, tiny_encoder, paths, annotations, BuildOptions(batch_size=8, progress=False))
     port = free_port()
     log = open(root / "server.log", "w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "polyclip",
-            "serve",
-            str(root / "index"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    process = spawn_polyclip(
+        "serve", root / "index", "--host", "127.0.0.1", "--port", str(port), stdout=log, stderr=subprocess.STDOUT
     )
     base = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 180
