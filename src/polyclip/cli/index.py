@@ -151,7 +151,7 @@ def search(
     json_output: JsonOutput = False,
 ) -> None:
     """Query an index from the command line with its own model."""
-    from polyclip.index import Encoder, Index
+    from polyclip.index.query import search_folder
 
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")
@@ -159,10 +159,7 @@ def search(
         conditions = json.loads(filter) if filter else None
     except json.JSONDecodeError as error:
         raise ValueError(f"--filter is not valid JSON: {error}") from None
-    with Index(folder) as index:
-        encoder = Encoder.load(index.identity.source, device=device, dtype=index.identity.dtype)
-        queries = encoder.encode_texts([text]) if text is not None else encoder.encode_images([image])
-        hits = index.search(queries, k, conditions, space)[0]
+    hits = search_folder(folder, text, image, k, conditions, space, device)
     if json_output:
         typer.echo(json.dumps([hit.to_dict() for hit in hits], indent=2))
         return
