@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -261,3 +262,23 @@ def test_help_and_argument_errors_do_not_import_torch():
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) >= 30
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("tty", "enabled", "shown"), [(True, True, True), (True, False, False), (False, True, False)]
+)
+def test_progress_bar_only_on_a_terminal_and_only_when_enabled(monkeypatch, tty, enabled, shown):
+    from polyclip.progress import progress_bar
+
+    stream = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    assert list(progress_bar(range(5), total=5, desc="work", enabled=enabled)) == list(range(5))
+    with progress_bar(total=3, unit="img", enabled=enabled) as bar:
+        bar.update(3)
+    assert ("work" in stream.getvalue() and "5/5" in stream.getvalue()) == shown
+    assert bool(stream.getvalue()) == shown
