@@ -101,18 +101,29 @@ def resolve_templates(templates: str | os.PathLike | Sequence[str] | None) -> li
 
 
 @torch.inference_mode()
-def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256, normalize: bool = True):
+def encode_texts(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    normalize: bool = True,
+    progress: bool = False,
+):
     """Text embeddings (N, E) in input order, batching similar lengths together.
 
     Sorting by token count means each batch of a causal tower stops at its own longest prompt.
+    ``progress``: a bar on a terminal (`polyclip.progress`).
     """
+    from polyclip.progress import progress_bar
+
     tokens = tokenizer(list(texts))  # (N, L)
     if len(tokens) == 0:
         return torch.zeros(0, model.config.embed_dim)
     lengths = (tokens != getattr(tokenizer, "pad_token_id", 0)).sum(dim=1)
     order = torch.argsort(lengths, descending=True, stable=True)
     out = torch.empty(len(texts), model.config.embed_dim)
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in progress_bar(starts, desc="encoding texts", unit="batch", enabled=progress):
         index = order[start : start + batch_size]
         out[index] = model.encode_text(tokens[index], normalize=normalize).float().cpu()
     return out
