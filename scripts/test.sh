@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up a virtual environment from scratch and run the default test suite (CPU; about 10 min on
-# 2 cores, most of it the set-up), then, each in its own command:
-# - the slow tests (real-size models, torchrun launches; about 2 min) when POLYCLIP_TEST_SLOW=1;
+# 2 shared cores: 3 min set-up, 6.5 min tests), then, each in its own command:
+# - the slow tests (real-size models, torchrun launches; 13 min on a loaded machine) when POLYCLIP_TEST_SLOW=1;
 # - the browser test when Debian's chromium is installed (required when POLYCLIP_TEST_BROWSER=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
