@@ -130,7 +130,7 @@ def create_model_and_transforms(
         preprocess = _preset(preprocess, config)
     transform = build_preprocess(preprocess)
     if tokenizer is None:
-        if config.text.vocab_size != 49408:  # CLIP's BPE vocabulary, the one shipped with polyclip
+        if config.text.vocab_size != CLIP_VOCAB_SIZE:  # the BPE vocabulary shipped with polyclip
             raise ValueError(
                 f"architecture {arch if isinstance(arch, str) else 'config'} has a {config.text.vocab_size}-token "
                 "vocabulary, not CLIP's: pass tokenizer=..., e.g. {'type': 'siglip', 'spiece_model': "
