@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -36,6 +39,43 @@ def import_reference(module: str, reason: str | None = None):
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers shared by test modules (imported as `from conftest import ...`): one copy of each.
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a server or a process group)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: this one's, one OpenMP thread (the test runner and the
+    child share the cores), and ``extra``."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def polyclip_command(*args: str | os.PathLike) -> list[str]:
+    """``polyclip ARGS...`` as this interpreter runs it (the checkout under test, not an installed copy)."""
+    return [sys.executable, "-m", "polyclip", *map(str, args)]
+
+
+def run_polyclip(
+    *args: str | os.PathLike, timeout: float = 300, **extra_env: str
+) -> subprocess.CompletedProcess:
+    """Run ``polyclip ARGS...`` to completion in a child process; output captured as text."""
+    return subprocess.run(
+        polyclip_command(*args), capture_output=True, text=True, timeout=timeout, env=child_env(**extra_env)
+    )
+
+
+def spawn_polyclip(*args: str | os.PathLike, **popen_kwargs) -> subprocess.Popen:
+    """Start ``polyclip ARGS...`` in the background (a server, a build to kill); the caller waits for it."""
+    popen_kwargs.setdefault("env", child_env())
+    return subprocess.Popen(polyclip_command(*args), **popen_kwargs)
+
 
 TINY_CLIP = dict(
     text_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4),

@@ -11,6 +11,7 @@ from PIL import Image
 import polyclip
 from polyclip.checkpoints import CheckpointError
 from polyclip.hub import ModelNotFoundError, registry
+from polyclip.transforms import PRESETS
 
 
 def _colour(rgb):
@@ -172,3 +173,49 @@ def test_bf16_load(tiny_hf_clip_dir):
 def test_bad_dtype_is_a_clear_error(tiny_hf_clip_dir):
     with pytest.raises(ValueError, match="unknown dtype"):
         polyclip.load(tiny_hf_clip_dir, dtype="fp8")
+
+
+def test_names_a_user_types_are_understood(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # a bare hub id: its hf-hub: form and the registry name of that repository
+    with pytest.raises(ModelNotFoundError) as error:
+        polyclip.load("openai/clip-vit-base-patch32")
+    assert "'hf-hub:openai/clip-vit-base-patch32'" in str(error.value)
+    assert "'clip-vit-b-32'" in str(error.value)
+    # an architecture name: random weights through create_model, and the released weights of it
+    with pytest.raises(ModelNotFoundError) as error:
+        polyclip.load("vit-b-32")
+    assert "polyclip.create_model('ViT-B-32')" in str(error.value) and "'plip'" in str(error.value)
+    # registry names are case-insensitive: PLIP resolves to vinid/plip (absent from this cache)
+    with pytest.raises(ModelNotFoundError, match="hf download vinid/plip"):
+        polyclip.load("PLIP")
+    with pytest.raises(ModelNotFoundError, match="Did you mean 'clip-vit-b-32'"):
+        polyclip.load("clip-vit-b32")
+
+
+def test_create_model_and_transforms_gives_all_three(tmp_path):
+    torch.manual_seed(0)
+    model, preprocess, tokenizer = polyclip.create_model_and_transforms("tiny-vit")
+    assert not model.training
+    assert preprocess.config.image_size == model.image_size
+    assert preprocess.config.mean == PRESETS["clip"].mean
+    pixels = preprocess(_colour((200, 30, 30))).unsqueeze(0)
+    ids = tokenizer(["a red square"])
+    assert ids.shape == (1, model.config.text.context_length)
+    with torch.no_grad():
+        before = model(pixels, ids).logits_per_image
+    polyclip.save(model, preprocess, tokenizer, tmp_path / "tiny")
+    reloaded, preprocess2, tokenizer2 = polyclip.load(tmp_path / "tiny")
+    assert preprocess2.config == preprocess.config
+    torch.testing.assert_close(tokenizer2(["a red square"]), ids)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels, ids).logits_per_image, before)
+    # SigLIP's vocabulary has no bundled tokenizer: a clear error, and the family's preprocessing
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        polyclip.create_model_and_transforms("tiny-siglip")
+    _, siglip_preprocess, clip_tokenizer = polyclip.create_model_and_transforms(
+        "tiny-siglip", tokenizer={"type": "clip", "context_length": 64}
+    )
+    assert siglip_preprocess.config.mean == (0.5, 0.5, 0.5)
+    assert clip_tokenizer(["x"]).shape == (1, 64)

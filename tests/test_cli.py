@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import run_polyclip
 from polyclip.cli import app
 
 runner = CliRunner()
@@ -29,6 +31,83 @@ def test_models_lists_the_registry():
     entries = json.loads(result.output)
     assert entries["plip"]["hub_id"] == "vinid/plip"
     assert entries["bioclip"]["format"] == "open_clip"
+    assert entries["bioclip"]["preprocessing"] == "bioclip preset"
+    assert entries["clip-vit-l-14-336"]["preprocessing"] == "shortest 336px bicubic"
+    assert entries["clip-vit-b-32"]["tokenization"] == "CLIP BPE, 77 tokens"
+
+
+@pytest.mark.parametrize("columns", [80, 250])
+def test_models_table_never_breaks_a_hub_id(columns):
+    """The README's columns, and every name and hub id whole, on a narrow and on a wide terminal."""
+    from polyclip.hub import registry
+
+    shown = run_polyclip("models", timeout=60, COLUMNS=str(columns), TERM="dumb")
+    assert shown.returncode == 0, shown.stderr
+    assert max(len(line) for line in shown.stdout.splitlines()) <= columns
+    for name, entry in registry().items():
+        assert name in shown.stdout and entry.hub_id in shown.stdout, entry.hub_id
+    for column in ("preprocessing", "tokenizer", "licence", "architecture"):
+        assert column in shown.stdout
+
+
+def test_templates_mean_one_thing_everywhere(tmp_path):
+    """A set name, a literal with {} and a file, through one resolver, for classify and eval alike."""
+    import typer
+
+    from polyclip.cli.options import resolve_templates_option
+    from polyclip.zero_shot import template_sets
+
+    (tmp_path / "mine.txt").write_text("# mine\nart of {}.\n")
+    assert resolve_templates_option(["plip"]) == template_sets()["plip"]
+    assert resolve_templates_option(["a photo of a {}."]) == ["a photo of a {}."]
+    assert resolve_templates_option([str(tmp_path / "mine.txt"), "plip"]) == [
+        "art of {}.",
+        *template_sets()["plip"],
+    ]
+    assert resolve_templates_option(None, "bioclip") == template_sets()["bioclip"]
+    with pytest.raises(typer.BadParameter, match="unknown template set 'nope'"):
+        resolve_templates_option(["nope"])
+    for command in (["classify"], ["eval", "zeroshot"], ["eval", "fewshot"], ["eval", "hierarchy"]):
+        help_text = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+        assert "--templates" in help_text and "--template " in help_text, command
+
+
+def test_fixed_choices_match_the_api():
+    """The choice lists of the CLI (written out so that --help needs no torch) are the API's."""
+    from polyclip.cli import domains, options, video
+    from polyclip.domains.clipbert import AGGREGATIONS
+    from polyclip.domains.taxonomy import RANKS, TEXT_TYPES
+    from polyclip.factory import DTYPES
+
+    assert [c.value for c in video.AggregationChoice] == list(AGGREGATIONS)
+    assert [c.value for c in domains.Rank] == list(RANKS)
+    assert [c.value for c in domains.TextType] == list(TEXT_TYPES)
+    assert {c.value for c in options.DtypeChoice} <= set(DTYPES)
+    result = runner.invoke(app, ["convert", "x", "--out", "y", "--to", "onnx"])
+    assert result.exit_code == 2 and "hf" in result.output and "open_clip" in result.output
+    for command in (["embed"], ["index", "build"], ["serve"]):
+        help_text = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+        assert "fp32|bf16|fp16" in help_text, command
+
+
+def test_every_json_option_says_what_it_does_and_k_is_spelled_alike():
+    import typer.main
+
+    from polyclip.cli import command_paths
+
+    root = typer.main.get_command(app)
+    checked = 0
+    for path in command_paths():
+        command = root
+        for word in path:
+            command = command.commands[word]
+        for param in getattr(command, "params", []):
+            if "--json" in param.opts:
+                assert param.help, path
+                checked += 1
+            if "-k" in param.opts or "--top-k" in param.opts:
+                assert {"-k", "--top-k"} <= set(param.opts), path
+    assert checked >= 8
 
 
 def test_info_describes_a_checkpoint(tiny_hf_clip_dir):
@@ -74,7 +153,7 @@ def test_embed_images_to_parquet_resumes_and_lists_failures(tiny_hf_clip_dir, tm
     folder = _images(tmp_path / "imgs", 5)
     out = tmp_path / "emb.parquet"
     # a previous run that was killed after writing one part: the rerun keeps it and adds the rest
-    from polyclip.embed_store import _write_part
+    from polyclip.embed.parquet import _write_part
 
     parts = tmp_path / "emb.parquet.parts"
     parts.mkdir()
@@ -111,15 +190,11 @@ def test_embed_text_file(tiny_hf_clip_dir, tmp_path):
 
 
 def test_user_errors_are_one_line_without_traceback(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "polyclip", "info", str(tmp_path / "missing")], capture_output=True, text=True
-    )
+    result = run_polyclip("info", tmp_path / "missing")
     assert result.returncode == 2
     assert "error:" in result.stderr and "Traceback" not in result.stderr
     (tmp_path / "empty").mkdir()
-    result = subprocess.run(
-        [sys.executable, "-m", "polyclip", "info", str(tmp_path / "empty")], capture_output=True, text=True
-    )
+    result = run_polyclip("info", tmp_path / "empty")
     assert result.returncode == 2 and "not a checkpoint folder" in result.stderr
 
 
@@ -156,3 +231,54 @@ def test_convert_to_transformers_with_tokenizer(tiny_hf_clip_dir, tmp_path):
     again, _, _ = polyclip.load(tmp_path / "oc")
     with torch.no_grad():
         torch.testing.assert_close(again.encode_text(ids), model.encode_text(ids), atol=1e-6, rtol=1e-6)
+
+
+HELP_WITHOUT_TORCH = """
+import contextlib, io, sys
+from polyclip.cli import app, command_paths, print_help_without_parsing
+paths = command_paths()
+assert len(paths) >= 30, paths
+for path in paths:
+    with contextlib.redirect_stdout(io.StringIO()) as shown:
+        assert print_help_without_parsing([*path, "--help"]), path
+    assert "Usage: polyclip" in shown.getvalue(), path
+    # the same help through typer's own parsing, and an argument error for each command
+    for args in ([*path, "--help"], [*path, "--no-such-option"]):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                app(args, prog_name="polyclip")
+            except SystemExit as stop:
+                assert stop.code == (0 if args[-1] == "--help" else 2), (args, stop.code)
+    leaked = [m for m in ("torch", "numpy", "PIL", "pyarrow") if m in sys.modules]
+    assert not leaked, (path, leaked)
+print(len(paths))
+"""
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """`polyclip --help`, every subcommand's --help and a bad option stay light: no torch, numpy, PIL."""
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout.split()[-1]) >= 30
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("tty", "enabled", "shown"), [(True, True, True), (True, False, False), (False, True, False)]
+)
+def test_progress_bar_only_on_a_terminal_and_only_when_enabled(monkeypatch, tty, enabled, shown):
+    from polyclip.progress import progress_bar
+
+    stream = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    assert list(progress_bar(range(5), total=5, desc="work", enabled=enabled)) == list(range(5))
+    with progress_bar(total=3, unit="img", enabled=enabled) as bar:
+        bar.update(3)
+    assert ("work" in stream.getvalue() and "5/5" in stream.getvalue()) == shown
+    assert bool(stream.getvalue()) == shown

@@ -907,6 +907,58 @@ def test_cli_multiple_choice_qa_and_sample(video_cli):
     assert "12 frames at 10 fps" in result.output and "clip 2: frames [5, 8]" in result.output
 
 
+def test_tasks_api_ranks_videos_and_answers_questions(video_cli):
+    """What the CLI prints comes from the API: `retrieve_videos` and `plan_questions` + `answer_questions`."""
+    from polyclip.domains.clipbert import SparseSamplingConfig, VideoPreprocessConfig
+    from polyclip.domains.clipbert.data import VideoDataError
+    from polyclip.domains.clipbert.tasks import (
+        answer_questions,
+        load_task_model,
+        plan_questions,
+        retrieve_videos,
+    )
+
+    _, _, root = video_cli
+    sampling, preprocess = SparseSamplingConfig(num_clips=2, num_frames=2), VideoPreprocessConfig(max_size=64)
+    model, tokenizer, _ = load_task_model(root / "model", None, "pretrained", device="cpu")
+    queries = root / "queries.jsonl"
+    queries.write_text('{"text": "a red square", "video": "first"}\n{"text": "green", "video": "third"}\n')
+    ranking = retrieve_videos(model, tokenizer, root / "videos", queries, sampling, preprocess, top_k=3)
+    assert ranking.videos == ["first", "second", "third"] and ranking.scores.shape == (2, 3)
+    for row, top in enumerate(ranking.top):  # best first, and the scores of the matrix
+        assert [v for v, _ in top] == [
+            ranking.videos[i] for i in ranking.scores[row].argsort(descending=True)
+        ]
+    assert ranking.metrics is not None and 0 <= ranking.metrics["t2v_R@1"] <= 1
+    assert ranking.to_dict()["queries"][0]["query"] == "a red square"
+
+    questions = root / "questions.jsonl"
+    questions.write_text(
+        '{"question": "what color", "video": "first", "options": ["red", "blue"], "answer": 1}\n'
+        '{"question": "what is it", "video": "third", "options": ["dog", "video"], "answer": "video"}\n'
+        '{"question": "and here", "video": "first", "options": ["a", "b"], "answer": "a"}\n'
+    )
+    plan = plan_questions(questions, videos=root / "videos")
+    assert plan.task == "multiple_choice" and [p.name for p in plan.targets] == [
+        "first.mkv",
+        "third",
+        "first.mkv",
+    ]
+    choice, choice_tokenizer, _ = load_task_model(root / "choice", None, plan.task, device="cpu")
+    result = answer_questions(choice, choice_tokenizer, plan, sampling, preprocess)
+    assert result.truth == ["blue", "video", "a"]
+    assert result.accuracy == sum(a == t for a, t in zip(result.answers, result.truth)) / 3
+    assert all(opts[i] == a for opts, i, a in zip(plan.questions.options, result.options, result.answers))
+    with pytest.raises(ValueError, match="exactly one"):
+        plan_questions(questions)
+    plain = root / "plain.txt"
+    plain.write_text("what is it\n")
+    with pytest.raises(VideoDataError, match="name their 'video'"):
+        plan_questions(plain, videos=root / "videos")
+    with pytest.raises(ValueError, match="answer vocabulary"):
+        plan_questions(plain, video=root / "videos" / "first.mkv")
+
+
 @pytest.mark.slow
 def test_full_size_forward_matches_reference_transcription(vocab_file):
     """The released architecture (ResNet-50 + BERT-base, 448x448 frames -> 7x7 grids), fp32, TF32 off."""

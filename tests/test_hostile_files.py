@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import polyclip
-from polyclip import embed_store
+from polyclip.embed import parquet as embed_store
 from polyclip.files import DiskFullError, read_jsonl_log, stable_path
 from polyclip.images import load_image
 from test_hostile_support import run_main

@@ -5,7 +5,6 @@ SIGKILL in the middle of a build followed by a rerun that must give exactly the 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import child_env, run_polyclip, spawn_polyclip
 from test_index_support import make_images, other_model_dir, tiny_encoder, tiny_model_dir, write_captions  # noqa: F401
 
 pytest.importorskip("faiss")
@@ -86,12 +86,11 @@ def test_kill_during_build_then_rerun_gives_the_full_collection(tmp_path, tiny_m
     images = make_images(tmp_path / "images", 60, size=(200, 160))
     (tmp_path / "images" / "zz-broken.png").write_bytes(b"garbage")
     out = tmp_path / "index"
-    command = [
-        sys.executable, "-m", "polyclip", "index", "build", str(tmp_path / "images"),
-        "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "2", "--workers", "1", "-q",
+    args = [
+        "index", "build", tmp_path / "images", "--model", tiny_model_dir, "--out", out,
+        "--batch-size", "2", "--workers", "1", "-q",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = spawn_polyclip(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     killed_at = None
     while time.monotonic() < deadline and process.poll() is None:
@@ -109,7 +108,7 @@ def test_kill_during_build_then_rerun_gives_the_full_collection(tmp_path, tiny_m
     partial = count_items(out / "metadata.sqlite")
     assert killed_at <= partial < len(images), "the kill should land in the middle of the build"
 
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    rerun = run_polyclip(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert (
         f"indexed {len(images) - partial} image(s); {partial} already indexed; 1 unreadable" in rerun.stdout
@@ -146,8 +145,7 @@ def test_torchrun_two_ranks_shard_and_merge(tmp_path, tiny_model_dir):
         str(tmp_path / "images"), "--model", str(tiny_model_dir), "--out", str(out),
         "--captions", str(captions), "--batch-size", "4", "-q",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "indexed 21 image(s); 0 already indexed; 1 unreadable; 21 item(s)" in result.stdout
     assert not (out / "shards").exists()
@@ -158,6 +156,6 @@ def test_torchrun_two_ranks_shard_and_merge(tmp_path, tiny_model_dir):
             str(p.resolve()) for p in images
         )
         assert index.store.failures()[0][0].endswith("broken.png")
-    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "indexed 0 image(s); 21 already indexed" in again.stdout

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import socket
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from conftest import free_port
 from polyclip.losses import ClipLoss, LossConfigError, LossInputError, SigLipLoss
 
 TOLERANCE = 1e-5
@@ -309,11 +309,6 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @functools.cache
 def _spawn_once() -> dict[int, list[dict]] | BaseException:
@@ -337,7 +332,7 @@ def _spawn_groups() -> dict[int, list[dict]]:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(
             _distributed_worker,
-            args=(_free_port(), out_dir),
+            args=(free_port(), out_dir),
             nprocs=TOTAL_PROCESSES,
             join=True,
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import socket
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import polyclip
+from conftest import free_port
 from polyclip.train.config import LossConfig, TrainConfig, apply_overrides
 from polyclip.train.distributed import DistEnv, average_gradients, no_sync, replicated_parameters, wrap
 from polyclip.train.step import ContrastiveForward, StepInputs, build_loss, forward_backward
@@ -131,18 +131,13 @@ def _worker(rank: int, port: int, out_dir: str, data: str) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 @functools.cache
 def run_world() -> tuple[list[dict], Path, Path]:
     folder = Path(tempfile.mkdtemp(prefix="polyclip-ddp-"))
     # image 0 is read on rank 0 and image 1 on rank 1 (seed 0): both are corrupt
     data = write_jsonl(folder / "pairs.jsonl", colour_pairs(folder, 24, corrupt=2))
-    mp.spawn(_worker, args=(_free_port(), str(folder), str(data)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(folder), str(data)), nprocs=WORLD, join=True)
     return [torch.load(folder / f"rank{r}.pt") for r in range(WORLD)], folder, data
 
 
@@ -195,7 +190,7 @@ def test_torchrun_launches_a_recipe_on_two_processes(tmp_path):
         pytest.skip("torchrun is not on the PATH")
     data = write_jsonl(tmp_path / "pairs.jsonl", colour_pairs(tmp_path, 24))
     command = [
-        torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "-m", "polyclip.train", "clip",
+        torchrun, "--nproc-per-node", "2", "--master-port", str(free_port()), "-m", "polyclip.train", "clip",
         "--smoke", "--set", f"data.train={data}", "--out", str(tmp_path / "run"),
     ]  # fmt: skip
     completed = subprocess.run(

@@ -3,6 +3,8 @@
 model, preprocess, tokenizer = polyclip.load("clip-vit-b-32")
 classifier = polyclip.zero_shot_classifier(model, tokenizer, ["cat", "dog"], preprocess=preprocess)
 probs = classifier.predict([image])
+
+model, preprocess, tokenizer = polyclip.create_model_and_transforms("ViT-B-32")  # random weights
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ _EXPORTS = {
     "load": "polyclip.factory",
     "save": "polyclip.factory",
     "create_model": "polyclip.factory",
+    "create_model_and_transforms": "polyclip.factory",
     "list_models": "polyclip.hub",
     "list_architectures": "polyclip.models",
     "zero_shot_classifier": "polyclip.zero_shot",

@@ -110,6 +110,43 @@ def load(
     return finalize(model, device, dtype, compile, quantize), preprocess, tokenizer
 
 
+def create_model_and_transforms(
+    arch: str | DualEncoderConfig | dict,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    preprocess: str | dict | PreprocessConfig | None = None,
+    tokenizer: dict | Any | None = None,
+) -> tuple[DualEncoder, ImageTransform, Any]:
+    """A randomly initialised model with its preprocessing and tokenizer: ``(model, preprocess, tokenizer)``.
+
+    The counterpart of open_clip's ``create_model_and_transforms`` + ``get_tokenizer`` for an
+    architecture without weights (to train from scratch, or to test): the preprocessing is the
+    family's (CLIP's or SigLIP's preset at the tower's image size) unless ``preprocess`` names a preset
+    or gives a config; the tokenizer is CLIP's BPE at the text tower's context length for a
+    49408-token vocabulary. Other vocabularies (SigLIP's SentencePiece) need their tokenizer passed,
+    as a tokenizer or a config dict such as ``{"type": "siglip", "spiece_model": "spiece.model"}``.
+    The model is in eval mode; ``polyclip.save`` writes all three, and ``load`` reads them back.
+    """
+    model = create_model(arch)
+    config = model.config
+    if preprocess is None:
+        preprocess = default_preprocess(config)
+    elif isinstance(preprocess, str):
+        preprocess = _preset(preprocess, config)
+    transform = build_preprocess(preprocess)
+    if tokenizer is None:
+        if config.text.vocab_size != CLIP_VOCAB_SIZE:  # the BPE vocabulary shipped with polyclip
+            raise ValueError(
+                f"architecture {arch if isinstance(arch, str) else 'config'} has a {config.text.vocab_size}-token "
+                "vocabulary, not CLIP's: pass tokenizer=..., e.g. {'type': 'siglip', 'spiece_model': "
+                "'spiece.model'}"
+            )
+        tokenizer = {"type": "clip", "context_length": config.text.context_length}
+    if isinstance(tokenizer, dict):
+        tokenizer = build_tokenizer(tokenizer)
+    return finalize(model, device, dtype), transform, tokenizer
+
+
 def finalize(
     model: DualEncoder,
     device: str | torch.device | None = None,
@@ -176,6 +213,13 @@ def default_preprocess(config: DualEncoderConfig) -> dict[str, Any]:
     """The preprocessing a config's family uses when its checkpoint records none."""
     preset = PRESETS["siglip" if config.uses_sigmoid else "clip"]
     return {**preset.to_dict(), "image_size": config.vision.image_size}
+
+
+def _preset(name: str, config: DualEncoderConfig) -> dict[str, Any]:
+    """A preprocessing preset at the image size of the model's tower."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preprocessing preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name].to_dict() | {"image_size": config.vision.image_size}
 
 
 def _preprocess_config(entry: RegistryEntry | None, recorded: dict | None, config: DualEncoderConfig):
@@ -299,4 +343,4 @@ def _architecture_diffs(expected: DualEncoderConfig, config: DualEncoderConfig) 
     return diffs
 
 
-__all__ = ["create_model", "finalize", "load", "save"]
+__all__ = ["create_model", "create_model_and_transforms", "finalize", "load", "save"]

@@ -33,6 +33,41 @@ class RegistryEntry:
     task: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def summary(self) -> dict[str, Any]:
+        """What `polyclip models` shows of the entry (its ``--json`` and its table alike)."""
+        return {
+            "system": self.system,
+            "hub_id": self.hub_id,
+            "format": self.format,
+            "architecture": self.architecture,
+            "preprocess": self.preprocess,
+            "preprocessing": _describe_preprocess(self.preprocess),
+            "tokenizer": self.tokenizer,
+            "tokenization": _describe_tokenizer(self.tokenizer),
+            "license": self.license,
+            "task": self.task,
+        }
+
+
+def _describe_preprocess(spec: str | dict[str, Any]) -> str:
+    """``"clip"`` (a preset) or an inline table, in a few words: ``shortest 336px bicubic``."""
+    if isinstance(spec, str):
+        return f"{spec} preset"
+    words = [str(spec.get("resize_mode", "shortest"))]
+    if "image_size" in spec:
+        words.append(f"{spec['image_size']}px")
+    if "interpolation" in spec:
+        words.append(str(spec["interpolation"]))
+    return " ".join(words)
+
+
+def _describe_tokenizer(spec: dict[str, Any]) -> str:
+    """``{type = "clip", context_length = 77}`` -> ``clip BPE, 77 tokens``."""
+    kind = {"clip": "CLIP BPE", "siglip": "SentencePiece", "folder": "the repo's own"}.get(
+        spec.get("type", ""), str(spec.get("type"))
+    )
+    return f"{kind}, {spec['context_length']} tokens" if "context_length" in spec else kind
+
 
 @lru_cache(maxsize=1)
 def registry() -> dict[str, RegistryEntry]:
@@ -46,6 +81,52 @@ def registry() -> dict[str, RegistryEntry]:
 
 def list_models() -> list[str]:
     return sorted(registry())
+
+
+def registry_entry(name: str) -> RegistryEntry | None:
+    """The entry of a registry name as a user may type it: ``PLIP``, ``Clip-ViT-B-32`` and ``plip`` alike."""
+    entries = registry()
+    if name in entries:
+        return entries[name]
+    folded = {key.casefold(): entry for key, entry in entries.items()}
+    return folded.get(name.strip().casefold())
+
+
+def suggestions(text: str) -> list[str]:
+    """What a user probably meant by a name that is not a path, a registry name or an hf-hub id.
+
+    - a bare hub id (``openai/clip-vit-base-patch32``): its ``hf-hub:`` form, and the registry entry
+      that points at that repository;
+    - an architecture name (``ViT-B-32``): random weights through ``polyclip.create_model`` (or
+      ``create_model_and_transforms``), and the released checkpoints of that architecture;
+    - anything else: the registry names and hub ids closest to it (difflib).
+    """
+    import difflib
+
+    entries = registry()
+    folded = text.strip().casefold()
+    hints: list[str] = []
+    if "/" in text and not text.startswith(("hf-hub:", ".", "/", "~")) and text.count("/") == 1:
+        hints.append(f"'hf-hub:{text.strip('/')}' (a Hugging Face repository)")
+        hints += [f"{name!r} (the registry name of {e.hub_id})" for name, e in entries.items()
+                  if e.hub_id.casefold() == folded.strip("/")]  # fmt: skip
+    from polyclip.models import list_architectures
+
+    architectures = {name.casefold(): name for name in list_architectures()}
+    if folded in architectures:
+        arch = architectures[folded]
+        hints.append(
+            f"polyclip.create_model({arch!r}) or polyclip.create_model_and_transforms({arch!r}) "
+            "(the architecture, with random weights)"
+        )
+        hints += [f"{name!r} (released {arch} weights)" for name, e in sorted(entries.items())
+                  if e.architecture == arch]  # fmt: skip
+    if not hints:
+        by_key = {name.casefold(): repr(name) for name in entries}
+        by_key |= {e.hub_id.casefold(): f"'hf-hub:{e.hub_id}'" for e in entries.values()}
+        close = difflib.get_close_matches(folded, list(by_key), n=3, cutoff=0.6)
+        hints += list(dict.fromkeys(by_key[key] for key in close))
+    return hints
 
 
 # Which files each format needs from a hub repository
@@ -190,10 +271,9 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[Path, RegistryEntry | None
     path = Path(text).expanduser()
     if path.exists():
         return path, None, None
-    entries = registry()
-    if text in entries:
-        entry = entries[text]
-        return download(entry.hub_id, entry.format, name=text), entry, entry.format
+    entry = registry_entry(text)
+    if entry is not None:
+        return download(entry.hub_id, entry.format, name=entry.name), entry, entry.format
     if text.startswith("hf-hub:"):
         repo_id = text.removeprefix("hf-hub:").strip("/")
         for format in ("open_clip", "hf"):
@@ -205,10 +285,8 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[Path, RegistryEntry | None
                 continue
             if any(folder.iterdir()):
                 return folder, None, None
-    import difflib
-
-    close = difflib.get_close_matches(text, list(entries), n=3)
-    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    hints = suggestions(text)
+    hint = f" Did you mean {'; '.join(hints)}?" if hints else ""
     raise ModelNotFoundError(
         f"{text!r} is not a local path, a registry name or an 'hf-hub:org/repo' id.{hint} "
         "`polyclip models` lists the registry."

@@ -8,9 +8,12 @@ sigmoid per class for SigLIP-style models (which learn a logit bias).
 from __future__ import annotations
 
 import json
+import os
+import tomllib
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,39 +25,105 @@ def template_sets() -> dict[str, list[str]]:
     return {name: templates for name, templates in data.items() if not name.startswith("_")}
 
 
-def resolve_templates(templates: str | Sequence[str] | None) -> list[str]:
-    """A template set by name (``"openai_imagenet"``, ``"clip-rsicd"`` ...) or a list of templates."""
+class TemplateError(ValueError):
+    """Prompt templates that cannot be used: an unknown set, a bad file, a template without ``{}``."""
+
+
+_PLACEHOLDER = "{}"
+
+
+def validate_templates(templates: Sequence[str], origin: str = "templates") -> list[str]:
+    """Templates with ``{c}`` rewritten to ``{}``; an error names any template without exactly one placeholder."""
+    templates = list(templates)
+    if not templates:
+        raise TemplateError(f"{origin}: no templates given")
+    checked = []
+    for number, template in enumerate(templates, 1):
+        if not isinstance(template, str):
+            raise TemplateError(f"{origin}: template {number} is not a string: {template!r}")
+        template = template.replace("{c}", _PLACEHOLDER)
+        if template.count(_PLACEHOLDER) != 1 or template.replace(_PLACEHOLDER, "").count("{") > 0:
+            raise TemplateError(
+                f"{origin}: template {number} {template!r} must hold exactly one '{{}}' for the class name"
+            )
+        checked.append(template)
+    return checked
+
+
+def read_template_file(path: str | os.PathLike) -> list[str]:
+    """A user's template set: plain text (one per line, ``#`` comments), JSON (a list, or
+    ``{"templates": [...]}``) or TOML (``templates = [...]``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise TemplateError(f"cannot read template file {path}: {error}") from error
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".json":
+            data = json.loads(text)
+            return data["templates"] if isinstance(data, dict) else data
+        if suffix == ".toml":
+            return tomllib.loads(text)["templates"]
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as error:
+        raise TemplateError(
+            f"template file {path} is malformed ({error}); expected a list of templates"
+        ) from error
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def resolve_templates(templates: str | os.PathLike | Sequence[str] | None) -> list[str]:
+    """The one resolver of prompt templates, for the API, ``classify --template`` and ``eval --templates``.
+
+    - ``None``: CLIP's single default prompt;
+    - a built-in set name (``"openai_imagenet"``, ``"clip-rsicd"`` ... see `template_sets`);
+    - one literal template holding ``{}`` (or ``{c}``), e.g. ``"a photo of a {}."``;
+    - a file of templates (a path, or a string naming an existing file; see `read_template_file`);
+    - a list of literal templates (never read as names or files: what a request to a server sends).
+    """
     if templates is None:
         return ["a photo of a {}."]
+    if isinstance(templates, os.PathLike):
+        return validate_templates(read_template_file(templates), origin=str(templates))
     if isinstance(templates, str):
         sets = template_sets()
         if templates in sets:
-            return list(sets[templates])
-        if "{}" in templates:
-            return [templates]
-        raise ValueError(f"unknown template set {templates!r}; known: {', '.join(sorted(sets))}")
-    templates = list(templates)
-    bad = [t for t in templates if "{}" not in t]
-    if not templates or bad:
-        raise ValueError(
-            f"every template needs a '{{}}' placeholder for the class name; got {bad or templates}"
+            return validate_templates(sets[templates], origin=f"template set {templates!r}")
+        if _PLACEHOLDER in templates or "{c}" in templates:
+            return validate_templates([templates])
+        if Path(templates).is_file():
+            return validate_templates(read_template_file(templates), origin=templates)
+        raise TemplateError(
+            f"unknown template set {templates!r}: not a file, not a template with '{{}}' and not one of "
+            f"{', '.join(sorted(sets))}"
         )
-    return templates
+    return validate_templates(templates)
 
 
 @torch.inference_mode()
-def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 256, normalize: bool = True):
+def encode_texts(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int = 256,
+    normalize: bool = True,
+    progress: bool = False,
+):
     """Text embeddings (N, E) in input order, batching similar lengths together.
 
     Sorting by token count means each batch of a causal tower stops at its own longest prompt.
+    ``progress``: a bar on a terminal (`polyclip.progress`).
     """
+    from polyclip.progress import progress_bar
+
     tokens = tokenizer(list(texts))  # (N, L)
     if len(tokens) == 0:
         return torch.zeros(0, model.config.embed_dim)
     lengths = (tokens != getattr(tokenizer, "pad_token_id", 0)).sum(dim=1)
     order = torch.argsort(lengths, descending=True, stable=True)
     out = torch.empty(len(texts), model.config.embed_dim)
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in progress_bar(starts, desc="encoding texts", unit="batch", enabled=progress):
         index = order[start : start + batch_size]
         out[index] = model.encode_text(tokens[index], normalize=normalize).float().cpu()
     return out

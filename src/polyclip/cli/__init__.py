@@ -1,4 +1,9 @@
-"""The ``polyclip`` command: thin commands over the Python API, one module per command group."""
+"""The ``polyclip`` command: thin commands over the Python API, one module per command group.
+
+Nothing here or in the command modules imports torch (or any polyclip module that does) at import
+time: ``polyclip --help``, every subcommand's ``--help`` and argument errors stay as fast as typer
+itself. Each command imports what it runs inside its function.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +41,49 @@ USER_ERRORS = (
 )
 
 
+def command_paths() -> list[list[str]]:
+    """Every command and command group, as the words a user types: ``[[], ["models"], ["eval"], ...]``."""
+    import typer.main
+
+    paths: list[list[str]] = []
+
+    def walk(command, path: list[str]) -> None:
+        paths.append(path)
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            walk(sub, [*path, name])
+
+    walk(typer.main.get_command(app), [])
+    return paths
+
+
+def print_help_without_parsing(args: list[str]) -> bool:
+    """``polyclip [GROUP] [COMMAND] --help``: print that command's help and return True, else False.
+
+    Typer parses every option value through pydantic type adapters before an eager ``--help`` acts,
+    and importing pydantic alone costs as much as importing typer and rich. Help needs no parsed
+    values, so a bare ``... --help`` renders the same help from the command tree directly; anything
+    else (``--help`` among other options, unknown words) goes through typer as usual.
+    """
+    if not args or args[-1] != "--help":
+        return False
+    import typer.main
+
+    command = typer.main.get_command(app)
+    context = command.context_class(command, info_name="polyclip", **command.context_settings)
+    for word in args[:-1]:
+        sub = command.get_command(context, word) if hasattr(command, "get_command") else None
+        if sub is None:
+            return False
+        command = sub
+        context = command.context_class(command, info_name=word, parent=context, **command.context_settings)
+    typer.echo(context.get_help(), color=context.color)
+    return True
+
+
 def main() -> None:
     try:
+        if print_help_without_parsing(sys.argv[1:]):
+            return
         app()
     except USER_ERRORS as error:
         if os.environ.get("POLYCLIP_DEBUG"):

@@ -10,7 +10,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from polyclip.cli.options import Dtype, JsonOutput, Templates, TopK, choices, resolve_templates_option
+from polyclip.progress import progress_bar
+
 console = Console()
+ExportFormat = choices("ExportFormat", ("hf", "open_clip", "native"))
+CheckpointFormat = choices("CheckpointFormat", ("native", "hf", "open_clip", "openai", "flax"))
 
 ModelOption = Annotated[
     str, typer.Option("--model", "-m", help="registry name, hf-hub:org/repo, or a local path")
@@ -25,48 +30,52 @@ def register(app: typer.Typer) -> None:
     app.command("convert")(convert)
 
 
-def models(json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
-    """The registry of released checkpoints."""
+def models(json_output: JsonOutput = False) -> None:
+    """The registry of released checkpoints: hub id, format, architecture, preprocessing, tokenizer, licence."""
     from polyclip.hub import registry
 
     entries = registry()
     if json_output:
-        typer.echo(
-            json.dumps(
-                {
-                    n: {
-                        "hub_id": e.hub_id,
-                        "format": e.format,
-                        "architecture": e.architecture,
-                        "license": e.license,
-                        "system": e.system,
-                        "task": e.task,
-                    }
-                    for n, e in entries.items()
-                },
-                indent=2,
-            )
-        )
+        typer.echo(json.dumps({name: e.summary() for name, e in sorted(entries.items())}, indent=2))
         return
-    table = Table(title="polyclip models")
-    for column in ("name", "system", "hub id", "format", "architecture", "licence", "task"):
-        table.add_column(column, overflow="fold")
+    columns = ("name", "hub id", "system", "format", "architecture", "preprocessing", "tokenizer", "licence")
+    rows = []
     for name, e in sorted(entries.items()):
-        table.add_row(name, e.system, e.hub_id, e.format, e.architecture, e.license, e.task)
-    console.print(table)
+        row = e.summary()
+        rows.append((name, e.hub_id, e.system, e.format, e.architecture, row["preprocessing"],
+                     row["tokenization"], e.license, e.task))  # fmt: skip
+    table = Table(title="polyclip models")
+    for column in columns:  # names and hub ids never break inside a word
+        table.add_column(column, no_wrap=column in ("name", "hub id"))
+    table.add_column("task", overflow="fold")  # wraps between words where needed
+    for row in rows:
+        table.add_row(*row)
+    # the narrowest table in which no word breaks: whole names and hub ids, the longest word elsewhere
+    widest = [
+        max(len(text) if position < 2 else max(map(len, text.split() or [""])) for text in (title, *cells))
+        for position, (title, *cells) in enumerate(zip((*columns, "task"), *rows))
+    ]
+    if sum(widest) + 3 * len(widest) + 1 <= console.width:
+        console.print(table)
+        return
+    # too narrow for one table: a block per model, every value whole
+    for name, hub_id, *details in rows:
+        console.print(f"[bold]{name}[/bold]  {hub_id}")
+        for column, value in zip((*columns[2:], "task"), details):
+            console.print(f"  {column:<13} {value}", overflow="fold")
 
 
 def info(
     checkpoint: Annotated[str, typer.Argument(help="a checkpoint folder or file")],
     format: Annotated[
-        str | None, typer.Option(help="force a format: native, hf, open_clip, openai, flax")
+        CheckpointFormat | None, typer.Option(help="force a format (default: detected from the files)")
     ] = None,
-    json_output: Annotated[bool, typer.Option("--json")] = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Format, architecture, parameter count and preprocessing of a checkpoint."""
     from polyclip.checkpoints import describe
 
-    details = describe(checkpoint, format)
+    details = describe(checkpoint, None if format is None else str(format))
     if json_output:
         typer.echo(json.dumps(details, indent=2, default=str))
         return
@@ -104,11 +113,9 @@ def classify(
         list[str], typer.Option("--labels", "-l", help="class names (repeat, or one per argument)")
     ],
     model: ModelOption = "clip-vit-b-32",
-    template: Annotated[
-        list[str] | None, typer.Option(help="prompt template(s) with {} or a set name")
-    ] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 5,
-    json_output: Annotated[bool, typer.Option("--json")] = False,
+    template: Templates = None,
+    top_k: TopK = 5,
+    json_output: JsonOutput = False,
 ) -> None:
     """Zero-shot classification: a table of the top classes per image."""
     import polyclip
@@ -119,13 +126,13 @@ def classify(
         if len(labels) == 1
         else labels
     )
+    templates = resolve_templates_option(template)  # checked before the model loads
     loaded, preprocess, tokenizer = polyclip.load(model)
-    templates = template[0] if template and len(template) == 1 else template
     classifier = polyclip.zero_shot_classifier(
         loaded, tokenizer, labels, templates=templates, preprocess=preprocess
     )
     results = {}
-    for path in images:
+    for path in progress_bar(images, desc="classifying", unit="img", enabled=not json_output):
         try:
             results[str(path)] = classifier.top_k([path], k=top_k)[0]
         except ImageDecodeError as error:
@@ -162,16 +169,17 @@ def embed(
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     workers: Annotated[int | None, typer.Option(help="decoding threads")] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16")] = None,
+    dtype: Dtype = None,
 ) -> None:
     """Image or text embeddings to Parquet; resumable, unreadable files skipped and listed."""
-    from polyclip.embed_store import embed_to_parquet
+    from polyclip.embed import embed_to_parquet
 
     if not paths and text is None:
         raise typer.BadParameter("give image paths or folders, or --text FILE")
     summary = embed_to_parquet(
-        model, out, paths or [], text, batch_size=batch_size, workers=workers, dtype=dtype
-    )
+        model, out, paths or [], text, batch_size=batch_size, workers=workers,
+        dtype=None if dtype is None else str(dtype),
+    )  # fmt: skip
     if summary["complete"]:
         console.print(f"{out} is already complete: {summary['rows']} embeddings, nothing new to embed")
     else:
@@ -188,7 +196,9 @@ def embed(
 def convert(
     source: Annotated[str, typer.Argument(help="registry name, hf-hub:org/repo, or a checkpoint path")],
     out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
-    to: Annotated[str, typer.Option(help="hf (transformers), open_clip, or native (polyclip)")] = "hf",
+    to: Annotated[
+        ExportFormat, typer.Option(help="hf (transformers), open_clip, or native (polyclip)")
+    ] = "hf",
     arch: Annotated[
         str | None,
         typer.Option(
@@ -201,8 +211,7 @@ def convert(
     import polyclip
     from polyclip.checkpoints.export import export_hf, export_open_clip
 
-    if to not in ("hf", "open_clip", "native"):
-        raise ValueError(f"--to must be hf, open_clip or native, got {to!r}")
+    to = str(to)
     model, preprocess, tokenizer = polyclip.load(source, architecture=arch)
     if to == "native":
         polyclip.save(model, preprocess, tokenizer, out)

@@ -10,7 +10,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from polyclip.cli.options import JsonOutput, TopK, choices
+from polyclip.progress import progress_bar
+
 console = Console()
+# the strategies of polyclip.domains.geolocation.GeoLocator and the text types of TaxonomicClassifier
+Strategy = choices("Strategy", ("hierarchical", "flat"))
+Rank = choices("Rank", ("kingdom", "phylum", "class", "order", "family", "genus", "species"))
+TextType = choices("TextType", ("taxonomic", "scientific", "common", "scientific_common", "taxonomic_common"))
+BATCH = 32  # images per forward pass, and per step of the progress bar
 
 
 def register(app: typer.Typer) -> None:
@@ -38,8 +46,10 @@ def geolocate(
     images: Annotated[list[Path], typer.Argument(help="image files")],
     gazetteer: Annotated[Path, typer.Option(help="CSV: city,region,country,latitude,longitude")],
     model: Annotated[str, typer.Option("--model", "-m")] = "streetclip",
-    strategy: Annotated[str, typer.Option(help="hierarchical (country, then city) or flat")] = "hierarchical",
-    json_output: Annotated[bool, typer.Option("--json")] = False,
+    strategy: Annotated[
+        Strategy, typer.Option(help="hierarchical (country, then city) or flat")
+    ] = "hierarchical",
+    json_output: JsonOutput = False,
 ) -> None:
     """Predict where photos were taken, from a gazetteer of candidate cities."""
     import polyclip
@@ -47,9 +57,13 @@ def geolocate(
 
     places = Gazetteer.from_csv(gazetteer)
     loaded_model, preprocess, tokenizer = polyclip.load(model)
-    locator = GeoLocator(loaded_model, tokenizer, preprocess, places, strategy=strategy)
+    locator = GeoLocator(loaded_model, tokenizer, preprocess, places, strategy=str(strategy))
     loaded = _load_images(images)
-    predictions = locator.predict([image for _, image in loaded])
+    predictions = [
+        prediction
+        for start in progress_bar(range(0, len(loaded), BATCH), desc="locating", enabled=not json_output)
+        for prediction in locator.predict([image for _, image in loaded[start : start + BATCH]])
+    ]
     rows = [
         {
             "image": str(path),
@@ -97,15 +111,15 @@ def taxonomy(
         float, typer.Option("--min-prob", help="species at or below it do not count above species rank")
     ] = 1e-9,
     model: Annotated[str, typer.Option("--model", "-m")] = "bioclip",
-    rank: Annotated[str, typer.Option(help="kingdom ... species")] = "species",
+    rank: Annotated[Rank, typer.Option(help="the rank predicted")] = "species",
     within: Annotated[
         list[str] | None, typer.Option(help="restrict to a taxon, e.g. family=Corvidae")
     ] = None,
     text_type: Annotated[
-        str, typer.Option(help="taxonomic, scientific, common, scientific_common, taxonomic_common")
+        TextType, typer.Option(help="how each taxon is named in its prompt")
     ] = "taxonomic_common",
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1)] = 5,
-    json_output: Annotated[bool, typer.Option("--json")] = False,
+    top_k: TopK = 5,
+    json_output: JsonOutput = False,
 ) -> None:
     """Tree-of-life prediction at any rank, optionally within a taxon."""
     import polyclip
@@ -126,12 +140,20 @@ def taxonomy(
         )
     else:
         classifier = TaxonomicClassifier(
-            loaded_model, tokenizer, preprocess, read_taxa(taxa), text_type=text_type
+            loaded_model, tokenizer, preprocess, read_taxa(taxa), text_type=str(text_type)
         )
     loaded = _load_images(images)
-    results = classifier.predict(
-        [image for _, image in loaded], rank=rank, k=top_k, within=restriction or None, min_prob=min_prob
-    )
+    results = [
+        ranking
+        for start in progress_bar(range(0, len(loaded), BATCH), desc="classifying", enabled=not json_output)
+        for ranking in classifier.predict(
+            [image for _, image in loaded[start : start + BATCH]],
+            rank=str(rank),
+            k=top_k,
+            within=restriction or None,
+            min_prob=min_prob,
+        )
+    ]
     if json_output:
         typer.echo(
             json.dumps(
@@ -144,7 +166,7 @@ def taxonomy(
         )
         return
     for (path, _), ranking in zip(loaded, results):
-        table = Table(title=f"{path} ({rank})")
+        table = Table(title=f"{path} ({str(rank)})")
         table.add_column("taxon")
         table.add_column("probability", justify="right")
         for names, probability in ranking:

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand
 
-from polyclip.eval.errors import EvalError
+from polyclip.cli.options import Device, Templates, resolve_templates_option
 
 
 def expand_greedy_models(args: list[str]) -> list[str]:
@@ -53,18 +53,16 @@ CacheDir = Annotated[
 ]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
 Workers = Annotated[int, typer.Option("--workers", help="Image decoding processes (0 = in process).")]
-Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: the model's).")]
 NoPlots = Annotated[bool, typer.Option("--no-plots", help="Skip the PNG plots.")]
 ClassNames = Annotated[
     str | None,
     typer.Option("--class-names", help="mnist, fashion-mnist, or a file with one class name per line."),
 ]
-Templates = Annotated[
-    str, typer.Option("--templates", help="Template set name (see `polyclip eval templates`) or a file.")
-]
 
 
 def _ints(text: str, option: str) -> tuple[int, ...]:
+    from polyclip.eval.errors import EvalError
+
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError as error:
@@ -79,6 +77,9 @@ def _user_errors(command: Callable) -> Callable:
 
     @wraps(command)
     def wrapper(*args, **kwargs):
+        # imported here, not at the top: polyclip.eval pulls in torch, and `--help` must not
+        from polyclip.eval.errors import EvalError
+
         try:
             return command(*args, **kwargs)
         except EvalError as error:
@@ -89,13 +90,12 @@ def _user_errors(command: Callable) -> Callable:
 
 
 def _run_config(cache_dir, batch_size, workers, device):
-    from polyclip.eval import EncodeConfig, RunConfig
+    from polyclip.eval import EncodeConfig, EvalError, RunConfig
 
     if batch_size < 1 or workers < 0:
         raise EvalError("--batch-size must be positive and --workers non-negative")
-    return RunConfig(
-        encode=EncodeConfig(batch_size=batch_size, num_workers=workers, device=device), cache_dir=cache_dir
-    )
+    encode = EncodeConfig(batch_size=batch_size, num_workers=workers, device=device, progress=True)
+    return RunConfig(encode=encode, cache_dir=cache_dir)
 
 
 def _finish(report, out: Path, no_plots: bool) -> None:
@@ -145,12 +145,7 @@ def register(app: typer.Typer) -> None:
                 help="A system's own protocol: clip, clip-rsicd, plip, plip-tissue, fashionclip, bioclip.",
             ),
         ] = None,
-        templates: Annotated[
-            str | None,
-            typer.Option(
-                "--templates", help="Template set or file (default: the protocol's, else openai_imagenet)."
-            ),
-        ] = None,
+        templates: Templates = None,
         top_ks: Annotated[
             str | None, typer.Option("--top-ks", help="Comma-separated k for top-k accuracy (default 1,5).")
         ] = None,
@@ -163,10 +158,11 @@ def register(app: typer.Typer) -> None:
         from polyclip.eval import ZeroShotConfig, load_labeled, run_zero_shot
 
         ks = _ints(top_ks, "--top-ks") if top_ks is not None else None
+        chosen = resolve_templates_option(templates)  # None: the protocol's own, else openai_imagenet
         if protocol is not None:
-            config = ZeroShotConfig.for_protocol(protocol, templates=templates, top_ks=ks)
+            config = ZeroShotConfig.for_protocol(protocol, templates=chosen, top_ks=ks)
         else:
-            config = ZeroShotConfig(templates=templates or "openai_imagenet", top_ks=ks or (1, 5))
+            config = ZeroShotConfig(templates=chosen or "openai_imagenet", top_ks=ks or (1, 5))
         dataset = load_labeled(data, labels, class_names, image_root)
         run = _run_config(cache_dir, batch_size, workers, device)
         _finish(run_zero_shot(models, dataset, config, run), out, no_plots)
@@ -264,7 +260,7 @@ def register(app: typer.Typer) -> None:
         shots: Annotated[str, typer.Option("--shots", help="Comma-separated k.")] = "1,5",
         folds: Annotated[int, typer.Option("--folds", help="Support draws per k.")] = 5,
         seed: Annotated[int, typer.Option("--seed")] = 0,
-        templates: Templates = "openai_imagenet",
+        templates: Templates = None,
         class_names: ClassNames = None,
         cache_dir: CacheDir = None,
         batch_size: BatchSize = 64,
@@ -279,8 +275,9 @@ def register(app: typer.Typer) -> None:
         val_set = load_labeled(val, None, class_names) if val is not None else None
         tip = TipAdapterConfig(alpha=alpha, beta=beta, zero_shot_scale=scale)
         config = FewShotConfig(
-            method=method, shots=_ints(shots, "--shots"), folds=folds, seed=seed, templates=templates, tip=tip
-        )
+            method=method, shots=_ints(shots, "--shots"), folds=folds, seed=seed,
+            templates=resolve_templates_option(templates, "openai_imagenet"), tip=tip,
+        )  # fmt: skip
         run = _run_config(cache_dir, batch_size, workers, device)
         _finish(run_few_shot(models, train_set, test_set, config, run, val_set), out, no_plots)
 
@@ -293,7 +290,7 @@ def register(app: typer.Typer) -> None:
             Path, typer.Option("--hierarchy", help="CSV: header = ranks, one row per leaf.")
         ],
         out: Out,
-        templates: Templates = "bioclip",
+        templates: Templates = None,
         prompt_from: Annotated[str, typer.Option("--prompt-from", help="leaf or path (all ranks).")] = "leaf",
         cache_dir: CacheDir = None,
         batch_size: BatchSize = 64,
@@ -304,7 +301,9 @@ def register(app: typer.Typer) -> None:
         from polyclip.eval import Hierarchy, HierarchyConfig, load_labeled, run_hierarchical
 
         dataset = load_labeled(data)
-        config = HierarchyConfig(templates=templates, prompt_from=prompt_from)
+        config = HierarchyConfig(
+            templates=resolve_templates_option(templates, "bioclip"), prompt_from=prompt_from
+        )
         run = _run_config(cache_dir, batch_size, workers, device)
         _finish(run_hierarchical(models, dataset, Hierarchy.from_csv(hierarchy), config, run), out, no_plots)
 

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from polyclip.cli.options import Dtype, DtypeChoice, JsonOutput, TopK
+
 index_app = typer.Typer(no_args_is_help=True, help="Build, change and query a vector index of images.")
 
 Sources = Annotated[list[Path] | None, typer.Argument(help="image files and folders (searched recursively)")]
@@ -55,7 +57,7 @@ def build(
     batch_size: BatchSize = 32,
     workers: Workers = None,
     device: Device = None,
-    dtype: Annotated[str | None, typer.Option("--dtype", help="fp32 (default), bf16, fp16")] = None,
+    dtype: Dtype = None,
     exact_limit: Annotated[
         int, typer.Option("--exact-limit", min=1, help="collections larger than this get an IVF index")
     ] = 100_000,
@@ -72,7 +74,7 @@ def build(
         captions,
         BuildOptions(batch_size, workers, not quiet),
         device=device,
-        dtype=dtype,
+        dtype=None if dtype is None else str(dtype),
         vector_config=VectorIndexConfig(exact_limit=exact_limit),
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports for all ranks
@@ -113,7 +115,7 @@ def remove(
 @index_app.command("info")
 def info(
     folder: Annotated[Path, typer.Argument(help="index folder")],
-    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Model, size, FAISS index type and parameters, unreadable files."""
     from polyclip.index import Index
@@ -140,16 +142,16 @@ def search(
     folder: Annotated[Path, typer.Argument(help="index folder")],
     text: Annotated[str | None, typer.Option("--text", "-t", help="text query")] = None,
     image: Annotated[Path | None, typer.Option("--image", "-i", help="image query")] = None,
-    k: Annotated[int, typer.Option("-k", min=1, help="results")] = 10,
+    k: TopK = 10,
     filter: Annotated[
         str | None, typer.Option("--filter", help='metadata conditions as JSON, e.g. {"split": "test"}')
     ] = None,
     space: Annotated[str, typer.Option("--space", help="image or caption vectors")] = "image",
     device: Device = None,
-    json_output: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Query an index from the command line with its own model."""
-    from polyclip.index import Encoder, Index
+    from polyclip.index.query import search_folder
 
     if (text is None) == (image is None):
         raise ValueError("give exactly one of --text or --image")
@@ -157,10 +159,7 @@ def search(
         conditions = json.loads(filter) if filter else None
     except json.JSONDecodeError as error:
         raise ValueError(f"--filter is not valid JSON: {error}") from None
-    with Index(folder) as index:
-        encoder = Encoder.load(index.identity.source, device=device, dtype=index.identity.dtype)
-        queries = encoder.encode_texts([text]) if text is not None else encoder.encode_images([image])
-        hits = index.search(queries, k, conditions, space)[0]
+    hits = search_folder(folder, text, image, k, conditions, space, device)
     if json_output:
         typer.echo(json.dumps([hit.to_dict() for hit in hits], indent=2))
         return
@@ -208,7 +207,7 @@ def serve(
     ] = False,
     device: Device = None,
     dtype: Annotated[
-        str | None, typer.Option("--dtype", help="default: the dtype the index was built with")
+        DtypeChoice | None, typer.Option("--dtype", help="default: the dtype the index was built with")
     ] = None,
     max_batch: Annotated[
         int, typer.Option("--max-batch", min=1, help="items per forward pass (1: no batching)")
@@ -236,7 +235,7 @@ def serve(
         index_name=name,
         allow_image_urls=allow_image_urls,
         device=device,
-        dtype=dtype,
+        dtype=None if dtype is None else str(dtype),
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_image_pixels=max_image_pixels,
         max_text_chars=max_text_chars,

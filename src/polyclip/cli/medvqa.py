@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from polyclip.cli.options import JsonOutput
+
 Images = Annotated[Path, typer.Option("--images", help="Folder the records' image names are relative to.")]
 Device = Annotated[
     str | None, typer.Option("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available).")
@@ -103,7 +105,7 @@ def train_command(
     language: Language = "en",
 ) -> None:
     """Train a medical VQA model on a question file and save it."""
-    from polyclip.domains.medvqa import MedVQA, MedVQADataset, TrainConfig, load_records, train
+    from polyclip.domains.medvqa import MedVQA, TrainConfig, load_records, train
     from polyclip.domains.medvqa.text import read_dictionary
 
     config = TrainConfig(
@@ -122,18 +124,13 @@ def train_command(
         tfidf_embedding=tfidf, rnn=rnn, hidden_dim=hidden_dim, autoencoder_size=autoencoder_size,
         answer_records=[*records, *eval_records] if answers == "trainval" else None,
     )  # fmt: skip
-    size, length = vqa.config.autoencoder_size, vqa.config.question_length
-    train_set = MedVQADataset(records, images, vqa.dictionary, vqa.answers, vqa.preprocess, size, length)
-    eval_set = (
-        MedVQADataset(eval_records, images, vqa.dictionary, vqa.answers, vqa.preprocess, size, length)
-        if eval_records
-        else None
-    )
+    train_set = vqa.dataset(records, images)
+    eval_set = vqa.dataset(eval_records, images) if eval_records else None
     typer.echo(
         f"{len(records)} questions, {len(vqa.dictionary)} words, {len(vqa.answers)} answers, "
         f"{sum(p.numel() for p in vqa.model.parameters()):,} parameters"
     )
-    result = train(vqa, train_set, eval_set, config, log=typer.echo)
+    result = train(vqa, train_set, eval_set, config, log=typer.echo, progress=True)
     vqa.save(out)
     (Path(out) / "history.json").write_text(json.dumps(result.history, indent=1), encoding="utf-8")
     if result.best_epoch is not None:
@@ -177,7 +174,7 @@ def evaluate_command(
     language: Language = "en",
 ) -> None:
     """Accuracy on closed, open and all questions (and per question type)."""
-    from polyclip.domains.medvqa import MedVQA, MedVQADataset, evaluate, load_records
+    from polyclip.domains.medvqa import MedVQA, evaluate, load_records
 
     if (model is None) == (reference_checkpoint is None):
         raise ValueError("give either --model (a folder saved by 'medvqa train') or --reference-checkpoint")
@@ -192,11 +189,7 @@ def evaluate_command(
             raise ValueError("--images is required with --model")
         image_root = images
     records = load_records(question_file, _language(language))
-    dataset = MedVQADataset(
-        records, image_root, vqa.dictionary, vqa.answers, vqa.preprocess, vqa.config.autoencoder_size,
-        vqa.config.question_length,
-    )  # fmt: skip
-    result = evaluate(vqa, dataset, batch_size=batch_size or 64)
+    result = evaluate(vqa, vqa.dataset(records, image_root), batch_size=batch_size or 64, progress=True)
     report = result.report
     for name, value in (("overall", report.overall), ("closed", report.closed), ("open", report.open)):
         shown = "n/a" if value is None else f"{100 * value:.1f}%"
@@ -214,7 +207,7 @@ def answer_command(
     image: Annotated[Path, typer.Option("--image", help="The image the question is about.")],
     question: Annotated[str, typer.Option("--question", "-q", help="The question.")],
     device: Device = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    json_output: JsonOutput = False,
 ) -> None:
     """Answer one question about one image."""
     from polyclip.domains.medvqa import MedVQA

@@ -164,8 +164,9 @@ class ModelFeatures:
         def compute():
             with evaluation_mode(self.model):
                 features = encode_texts(
-                    self.model, self.tokenizer, texts, self.encode.text_batch_size, normalize=False
-                )
+                    self.model, self.tokenizer, texts, self.encode.text_batch_size, normalize=False,
+                    progress=self.encode.progress,
+                )  # fmt: skip
             return {"features": features.float().clone()}, {}
 
         parts = {

@@ -20,6 +20,7 @@ from polyclip.encode import MixedShapesError, iter_image_batches
 from polyclip.eval.data import ImageSet
 from polyclip.eval.errors import EvalError
 from polyclip.images import ImageDecodeError
+from polyclip.progress import progress_bar
 
 # Decoding failures that mean "this file is not a readable image" (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -31,6 +32,7 @@ class EncodeConfig:
     num_workers: int = min(4, os.cpu_count() or 1)  # decoding threads (Pillow releases the GIL); 0 = 1
     device: str | None = None  # None = the model's device
     text_batch_size: int = 256  # prompts / captions per text forward pass
+    progress: bool = False  # a progress bar on a terminal (see `polyclip.progress`)
 
 
 @dataclass
@@ -89,9 +91,11 @@ def encode_images(model, preprocess, images: ImageSet, config: EncodeConfig | No
         range(len(images)), _decoder(images, preprocess), config.batch_size, max(1, config.num_workers)
     )
     features, indices, skipped = [], [], []
-    with evaluation_mode(model):
+    bar = progress_bar(total=len(images), unit="img", desc="encoding images", enabled=config.progress)
+    with evaluation_mode(model), bar:
         try:
             for batch in batches:
+                bar.update(len(batch.items) + len(batch.failures))
                 skipped += batch.failures
                 if not batch.items:
                     continue

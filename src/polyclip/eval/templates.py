@@ -4,19 +4,17 @@ The built-in sets are the core's (``polyclip/data/templates.json``, read through
 ``polyclip.zero_shot.template_sets``): OpenAI CLIP's 80 ImageNet templates and the prompts each domain
 system evaluates with. A user's own set is a file: plain text (one template per line, ``#`` comments),
 JSON (a list of strings, or ``{"templates": [...]}``) or TOML (``templates = [...]``). Every template
-holds exactly one ``{}`` (``{c}`` is accepted too) where the class name goes.
+holds exactly one ``{}`` (``{c}`` is accepted too) where the class name goes. Reading and checking
+them is the core's (`polyclip.zero_shot.resolve_templates`); this module gives its errors as EvalErrors.
 """
 
 from __future__ import annotations
 
-import json
-import tomllib
 from pathlib import Path
 
 from polyclip.eval.errors import EvalError
-from polyclip.zero_shot import template_sets
-
-_PLACEHOLDER = "{}"
+from polyclip.zero_shot import TemplateError, resolve_templates, template_sets
+from polyclip.zero_shot import validate_templates as core_validate
 
 
 def list_template_sets() -> dict[str, list[str]]:
@@ -25,51 +23,19 @@ def list_template_sets() -> dict[str, list[str]]:
 
 
 def validate_templates(templates: list[str], origin: str = "templates") -> list[str]:
-    """Templates with ``{c}`` rewritten to ``{}``; an error names any template without exactly one placeholder."""
-    if not templates:
-        raise EvalError(f"{origin}: no templates given")
-    checked = []
-    for number, template in enumerate(templates, 1):
-        if not isinstance(template, str):
-            raise EvalError(f"{origin}: template {number} is not a string: {template!r}")
-        template = template.replace("{c}", _PLACEHOLDER)
-        if template.count(_PLACEHOLDER) != 1 or template.replace(_PLACEHOLDER, "").count("{") > 0:
-            raise EvalError(
-                f"{origin}: template {number} {template!r} must hold exactly one '{{}}' for the class name"
-            )
-        checked.append(template)
-    return checked
-
-
-def _read_template_file(path: Path) -> list[str]:
+    """Templates with ``{c}`` rewritten to ``{}`` (`polyclip.zero_shot.validate_templates`), as EvalErrors."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise EvalError(f"cannot read template file {path}: {error}") from error
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".json":
-            data = json.loads(text)
-            return data["templates"] if isinstance(data, dict) else data
-        if suffix == ".toml":
-            return tomllib.loads(text)["templates"]
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as error:
-        raise EvalError(
-            f"template file {path} is malformed ({error}); expected a list of templates"
-        ) from error
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        return core_validate(templates, origin)
+    except TemplateError as error:
+        raise EvalError(str(error)) from None
 
 
 def load_templates(spec: str | Path | list[str] | tuple[str, ...]) -> list[str]:
-    """Templates from a built-in set name, a file path, or a list of strings."""
-    if isinstance(spec, list | tuple):
-        return validate_templates(list(spec))
-    builtin = template_sets()
-    if isinstance(spec, str) and spec in builtin:
-        return validate_templates(list(builtin[spec]), origin=f"template set {spec!r}")
-    path = Path(spec)
-    if not path.is_file():
-        raise EvalError(
-            f"unknown template set {str(spec)!r}: not a file and not one of {', '.join(sorted(builtin))}"
-        )
-    return validate_templates(_read_template_file(path), origin=str(path))
+    """Templates from a built-in set name, a literal with ``{}``, a file path, or a list of strings.
+
+    The core's one resolver (`polyclip.zero_shot.resolve_templates`), with its errors as EvalErrors.
+    """
+    try:
+        return resolve_templates(list(spec) if isinstance(spec, tuple) else spec)
+    except TemplateError as error:
+        raise EvalError(str(error)) from None

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from polyclip.encode import embed_images, list_images
 from polyclip.index.captions import Annotation, read_captions
@@ -28,6 +27,7 @@ from polyclip.index.errors import IndexStoreError
 from polyclip.index.index import Index
 from polyclip.index.store import NewItem
 from polyclip.index.vectors import VectorIndexConfig
+from polyclip.progress import progress_bar
 
 SHARDS_FOLDER = "shards"
 MERGE_CHUNK = 1024
@@ -89,7 +89,7 @@ def add_paths(
     existing = index.store.existing_paths(paths)
     todo = [path for path in paths if path not in existing]
     report = BuildReport(skipped=len(paths) - len(todo))
-    with tqdm(total=len(todo), unit="img", disable=not options.progress, desc="indexing") as bar:
+    with progress_bar(total=len(todo), unit="img", desc="indexing", enabled=options.progress) as bar:
         batches = embed_images(
             encoder.model,
             encoder.preprocess,

@@ -39,9 +39,10 @@ class RunLogger:
                 ) from error
             self._tensorboard = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
         if config.progress and config.console:
-            from tqdm.auto import tqdm
+            from polyclip.progress import progress_bar
 
-            self._progress = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+            # a bar on a terminal only; in a pipe or a log file the log lines say it all
+            self._progress = progress_bar(total=total_steps, initial=start_step, unit="step")
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():

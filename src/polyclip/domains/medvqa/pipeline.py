@@ -21,7 +21,7 @@ import torch
 import polyclip
 from polyclip.domains.medvqa.answers import AnswerVocabulary
 from polyclip.domains.medvqa.autoencoder import load_autoencoder_weights
-from polyclip.domains.medvqa.data import VQARecord, image_inputs
+from polyclip.domains.medvqa.data import MedVQADataset, VQARecord, image_inputs
 from polyclip.domains.medvqa.errors import MedVQAConfigError
 from polyclip.domains.medvqa.model import MedVQAConfig, MedVQAModel
 from polyclip.domains.medvqa.text import QuestionDictionary, load_word_vectors, tfidf_matrix
@@ -219,6 +219,13 @@ class MedVQA:
         return cls(model.eval(), QuestionDictionary(words), answers, ReferenceClipPixels(clip_input_size))
 
     # -----------------------------------------------------------------------------------------------
+    def dataset(self, records: Sequence[VQARecord], image_root: str | os.PathLike) -> MedVQADataset:
+        """The records as model inputs and targets, with this system's dictionary, answers and sizes."""
+        return MedVQADataset(
+            records, image_root, self.dictionary, self.answers, self.preprocess,
+            self.config.autoencoder_size, self.config.question_length,
+        )  # fmt: skip
+
     # inference
 
     def inputs(

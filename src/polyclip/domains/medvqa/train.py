@@ -27,6 +27,7 @@ from polyclip.domains.medvqa.data import MedVQADataset
 from polyclip.domains.medvqa.errors import MedVQAConfigError
 from polyclip.domains.medvqa.metrics import AccuracyReport, accuracy_by_type, answer_scores
 from polyclip.domains.medvqa.pipeline import MedVQA
+from polyclip.progress import progress_bar
 
 OPTIMIZERS = ("adamax", "adamw")
 
@@ -129,13 +130,21 @@ def _loader(dataset: MedVQADataset, batch_size: int, shuffle: bool, workers: int
 
 @torch.no_grad()
 def evaluate(
-    vqa: MedVQA, dataset: MedVQADataset, batch_size: int = 64, device: str | None = None, num_workers: int = 0
+    vqa: MedVQA,
+    dataset: MedVQADataset,
+    batch_size: int = 64,
+    device: str | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
 ) -> EvaluationResult:
-    """Accuracy on closed, open and all questions of ``dataset``, with every prediction."""
+    """Accuracy on closed, open and all questions of ``dataset``, with every prediction.
+
+    ``progress``: a bar on a terminal (`polyclip.progress`)."""
     model = vqa.model.to(_device(device) if device else vqa.model.device).eval()
     predictions: list[dict] = []
     scores: list[float] = []
-    for batch in _loader(dataset, batch_size, False, num_workers, 0):
+    loader = _loader(dataset, batch_size, False, num_workers, 0)
+    for batch in progress_bar(loader, desc="answering", unit="batch", enabled=progress):
         logits = model(
             batch["clip_pixels"].to(model.device), batch["ae_pixels"].to(model.device),
             batch["question_ids"].to(model.device),
@@ -165,8 +174,11 @@ def train(
     eval_set: MedVQADataset | None = None,
     config: TrainConfig | None = None,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> TrainResult:
-    """Train ``vqa.model`` in place with the reference recipe; returns the per-epoch history."""
+    """Train ``vqa.model`` in place with the reference recipe; returns the per-epoch history.
+
+    ``log`` gets a line per epoch; ``progress`` adds a bar over each epoch's batches on a terminal."""
     config = config or TrainConfig()
     if len(train_set) == 0:
         raise MedVQAConfigError("the training set is empty")
@@ -192,7 +204,8 @@ def train(
         if config.freeze_clip:
             model.clip_visual.eval()  # frozen batch-norm statistics for ResNet towers
         totals = {"loss": 0.0, "answer": 0.0, "reconstruction": 0.0, "correct": 0.0, "count": 0}
-        for batch in loader:
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}", unit="batch", enabled=progress)
+        for batch in bar:
             clean = batch["ae_pixels"].to(device)
             ae_input = (
                 add_noise(clean, config.autoencoder_noise, noise) if config.autoencoder_noise else clean

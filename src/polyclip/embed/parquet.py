@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from polyclip.files import append_jsonl, read_jsonl_log, reporting_disk_full, stable_path
 
@@ -81,6 +80,7 @@ def embed_to_parquet(
     workers: int | None = None,
     dtype: str | None = None,
     rows_per_part: int = 1024,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Embed images (``paths``: files and folders) or the lines of ``text_file`` into ``out``.
 
@@ -89,6 +89,7 @@ def embed_to_parquet(
     """
     import polyclip
     from polyclip.encode import embed_images, list_images
+    from polyclip.progress import progress_bar
     from polyclip.zero_shot import encode_texts
 
     pa, pq = _pyarrow()
@@ -161,7 +162,8 @@ def embed_to_parquet(
                 part_index += 1
                 buffer_keys, buffer_vectors = [], []
 
-        with tqdm(total=len(todo), unit=key if key == "text" else "img", desc="embedding") as bar:
+        unit = key if key == "text" else "img"
+        with progress_bar(total=len(todo), unit=unit, desc="embedding", enabled=progress) as bar:
             if text_file is not None:
                 for start in range(0, len(todo), rows_per_part):
                     chunk = todo[start : start + rows_per_part]
