@@ -294,6 +294,9 @@ def preprocess_from_hf(folder: Path, model_type: str, image_size: int) -> dict[s
     """PreprocessConfig fields from preprocessor_config.json (or transformers' defaults)."""
     path = folder / "preprocessor_config.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
+    combined = folder / "processor_config.json"  # transformers 5 saves the processors' settings in one file
+    if not data and combined.is_file():
+        data = json.loads(combined.read_text()).get("image_processor") or {}
     resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}.get(
         data.get("resample", 2 if model_type == "siglip2" else 3), "bicubic"
     )
