@@ -313,16 +313,19 @@ def test_naflex_packing_is_exact_in_low_precision():
 def open_clip_hf_tokenizer():
     """open_clip's HFTokenizer class: its tokenizer module imported without the package's __init__ (which
     needs torchvision)."""
-    if "open_clip.tokenizer" not in sys.modules:
-        spec = importlib.util.find_spec("open_clip")
-        if spec is None:
-            pytest.skip("open_clip is not installed")
-        if "open_clip" not in sys.modules:
-            package = types.ModuleType("open_clip")
-            package.__path__ = list(spec.submodule_search_locations)
-            sys.modules["open_clip"] = package
-    from open_clip.tokenizer import HFTokenizer
-
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open_clip is not installed")
+    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] == "open_clip"}
+    package = types.ModuleType("open_clip")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["open_clip"] = package
+    try:
+        from open_clip.tokenizer import HFTokenizer
+    finally:  # leave no stand-in package behind for other tests importing open_clip
+        for name in [name for name in sys.modules if name.split(".")[0] == "open_clip"]:
+            del sys.modules[name]
+        sys.modules.update(saved)
     return HFTokenizer
 
 
