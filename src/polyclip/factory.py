@@ -254,12 +254,14 @@ def _tokenizer(entry: RegistryEntry | None, recorded: dict | None, config: DualE
                     "not CLIP's: put the model's tokenizer files (e.g. spiece.model) in the folder"
                 )
             spec = {"type": "clip", "context_length": context}
-    spiece = str(spec.get("spiece_model", ""))
-    if spiece.startswith(HUB_FILE_PREFIX):
+    for key in ("spiece_model", "tokenizer_file", "tokenizer_config"):  # SigLIP's and SigLIP 2's files
+        value = str(spec.get(key, ""))
+        if not value.startswith(HUB_FILE_PREFIX):
+            continue
         # an open_clip folder naming its tokenizer's hub repo (hf_tokenizer_name) without the files
-        repo_id, _, filename = spiece.removeprefix(HUB_FILE_PREFIX).rpartition("/")
+        repo_id, _, filename = value.removeprefix(HUB_FILE_PREFIX).rpartition("/")
         try:
-            spec = {**spec, "spiece_model": str(hub_file(repo_id, filename))}
+            spec = {**spec, key: str(hub_file(repo_id, filename))}
         except ModelNotFoundError as error:
             return _unavailable(f"the tokenizer of {folder} cannot be built: {error}")
     return build_tokenizer(spec, model_dir=folder)

@@ -128,13 +128,15 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, mlp_dim, act)
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, is_causal: bool = False, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if torch.is_grad_enabled():
             # autograd may need every intermediate (also when only this block's weights train, as under LiT)
-            x = x + self.attn(self.norm1(x), is_causal=is_causal)
+            x = x + self.attn(self.norm1(x), is_causal=is_causal, attn_mask=attn_mask)
             return x + self.mlp(self.norm2(x))
         # no_grad / inference_mode: the residual stream is the block's own tensor, updated in place
-        x = x + self.attn(self.norm1(x), is_causal=is_causal)
+        x = x + self.attn(self.norm1(x), is_causal=is_causal, attn_mask=attn_mask)
         return x.add_(self.mlp(self.norm2(x)))
 
 
@@ -146,12 +148,15 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_dim, act, norm_eps) for _ in range(depth))
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, is_causal: bool = False, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``attn_mask``: as `Attention`'s, the same for every block (NaFlex's padded patches)."""
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, is_causal, use_reentrant=False)
+                x = checkpoint(block, x, is_causal, attn_mask, use_reentrant=False)
             else:
-                x = block(x, is_causal=is_causal)
+                x = block(x, is_causal=is_causal, attn_mask=attn_mask)
         return x
 
     def init_weights(self, dim: int) -> None:
@@ -180,12 +185,15 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, x: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``attn_mask``: boolean (B, 1, 1, L), the positions of ``x`` to attend to (a padding mask)."""
         B, Lq, D = query.shape
         L = x.shape[1]
         q = self.q(query).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, Dh)
         k, v = self.kv(x).view(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, Lq, Dh)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Lq, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, Lq, D))
 
 
@@ -204,8 +212,9 @@ class AttentionPoolingHead(nn.Module):
         self.mlp = Mlp(dim, mlp_dim, act)
         nn.init.normal_(self.probe, std=dim**-0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn(self.probe.expand(x.shape[0], -1, -1), x)  # (B, 1, D)
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attn_mask``: boolean (B, 1, 1, L) tokens the probe may attend to (NaFlex's real patches)."""
+        x = self.attn(self.probe.expand(x.shape[0], -1, -1), x, attn_mask=attn_mask)  # (B, 1, D)
         x = x + self.mlp(self.norm(x))
         return x[:, 0]
 

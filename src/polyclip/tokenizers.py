@@ -1,4 +1,4 @@
-"""Text tokenizers of the CLIP family: CLIP's byte-level BPE and SigLIP's SentencePiece.
+"""Text tokenizers of the CLIP family: CLIP's byte-level BPE, SigLIP's SentencePiece, SigLIP 2's Gemma BPE.
 
 ``ClipTokenizer`` reproduces the tokenizer of OpenAI CLIP (Radford et al. 2021, "Learning Transferable
 Visual Models From Natural Language Supervision"; reference: openai/CLIP ``clip/simple_tokenizer.py`` and
@@ -8,6 +8,9 @@ library; only the text cleaning and the word split run in Python.
 ``SiglipTokenizer`` reproduces the SentencePiece tokenizer of SigLIP (Zhai et al. 2023, "Sigmoid Loss for
 Language Image Pre-Training"; reference: transformers ``models/siglip/tokenization_siglip.py`` called with
 ``padding="max_length", truncation=True, max_length=64``) id for id.
+
+``GemmaTokenizer`` is SigLIP 2's (Tschannen et al. 2025): the folder's Gemma ``tokenizer.json`` run by the
+``tokenizers`` library on lower-cased text (transformers ``Siglip2Tokenizer``), see its docstring.
 
 Every tokenizer maps ``str | Sequence[str]`` to a ``torch.LongTensor`` of shape ``(B, context_length)``
 and describes itself with a JSON-able ``config`` that ``build_tokenizer`` turns back into a tokenizer.
@@ -31,10 +34,11 @@ import numpy as np
 import regex
 import sentencepiece
 import torch
-from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 __all__ = [
     "ClipTokenizer",
+    "GemmaTokenizer",
     "MissingTokenizerError",
     "SiglipTokenizer",
     "TokenizerError",
@@ -585,6 +589,247 @@ class SiglipTokenizer:
         return self._processor.decode(id_list)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# SigLIP 2: Gemma's BPE with lower-casing
+
+GEMMA_TOKENIZER_FILE = "tokenizer.json"
+# Gemma's special tokens and ids (tokenizer.json of google/gemma-*, and so of every SigLIP 2 folder)
+_GEMMA_DEFAULT_TOKENS = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>"}
+_PADDING_SIDES = ("right", "left")
+
+
+def _token_content(value: Any, key: str) -> str:
+    """A special token as tokenizer_config.json records it: a string or an AddedToken object."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if not isinstance(value, str) or not value:
+        raise TokenizerError(f"tokenizer setting {key} must name a token, got {value!r}")
+    return value
+
+
+def gemma_settings(tokenizer_config: dict[str, Any]) -> dict[str, Any]:
+    """The settings of `GemmaTokenizer` that a ``tokenizer_config.json`` records (only those it records).
+
+    transformers' GemmaTokenizer rebuilds the tokenizer.json's post-processor from ``add_bos_token`` /
+    ``add_eos_token`` when either is given (a missing one counting as false) and pads on ``padding_side``;
+    the special tokens may be renamed.
+    """
+    settings: dict[str, Any] = {}
+    for key in ("add_bos_token", "add_eos_token"):
+        if key in tokenizer_config and tokenizer_config[key] is not None:
+            settings[key] = tokenizer_config[key]
+    if tokenizer_config.get("padding_side") is not None:
+        settings["padding_side"] = tokenizer_config["padding_side"]
+    for key in _GEMMA_DEFAULT_TOKENS:
+        if tokenizer_config.get(key) is not None:
+            token = _token_content(tokenizer_config[key], key)
+            if token != _GEMMA_DEFAULT_TOKENS[key]:
+                settings[key] = token
+    return settings
+
+
+class GemmaTokenizer:
+    """SigLIP 2's tokenizer: Gemma's 256k-token BPE (byte fallback), on lower-cased text, padded to 64.
+
+    SigLIP 2 (Tschannen et al. 2025) is trained with the multilingual Gemma tokenizer on text "transformed to
+    lower case before tokenization". The released transformers folders name ``GemmaTokenizer``, which does not
+    lower-case; transformers' own ``Siglip2Tokenizer`` is that tokenizer with a ``Lowercase`` normaliser in
+    front, and so is this one with ``lower_case=True`` (the default). The pipeline is the folder's
+    ``tokenizer.json`` run by the ``tokenizers`` library: its normaliser (behind the lower-casing), its
+    pre-tokeniser, BPE model and special tokens; its post-processor, unless ``add_bos_token`` /
+    ``add_eos_token`` are given (as tokenizer_config.json records them), in which case the template is
+    ``[<bos>] text [<eos>]`` as transformers rebuilds it. Text longer than ``context_length`` is truncated
+    with room kept for the special tokens; rows are padded with ``<pad>`` on ``padding_side``.
+
+    ``clean`` names open_clip's cleaning (a key of OPEN_CLIP_CLEANERS) applied before, as open_clip's
+    HFTokenizer does for its SigLIP 2 models (``canonicalize``, which lower-cases in Python itself).
+    Reference: transformers ``GemmaTokenizer`` and ``Siglip2Tokenizer`` called with
+    ``padding="max_length", truncation=True, max_length=64``; open_clip ``HFTokenizer``.
+    """
+
+    def __init__(
+        self,
+        tokenizer_file: str | Path,
+        context_length: int = 64,
+        lower_case: bool = True,
+        add_bos_token: bool | None = None,
+        add_eos_token: bool | None = None,
+        padding_side: str = "right",  # SigLIP 2 pools the last position: text first, then padding
+        clean: str | None = None,
+        pad_token: str = "<pad>",
+        eos_token: str = "<eos>",
+        bos_token: str = "<bos>",
+    ) -> None:
+        self._context_length = _checked_context_length(context_length, minimum=1)
+        flags = {"lower_case": lower_case, "add_bos_token": add_bos_token, "add_eos_token": add_eos_token}
+        for name, flag in flags.items():
+            if flag is not None and not isinstance(flag, bool):
+                raise TokenizerError(f"{name} must be true or false, got {flag!r}")
+        if padding_side not in _PADDING_SIDES:
+            raise TokenizerError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+        if clean is not None and clean not in OPEN_CLIP_CLEANERS:
+            raise TokenizerError(f"clean must be one of {sorted(OPEN_CLIP_CLEANERS)} or absent: {clean!r}")
+        self._file = Path(tokenizer_file).resolve()
+        if not self._file.is_file():
+            raise TokenizerError(f"tokenizer file not found: {self._file}")
+        self._settings = {
+            "lower_case": lower_case, "add_bos_token": add_bos_token, "add_eos_token": add_eos_token,
+            "padding_side": padding_side, "clean": clean, "pad_token": _token_content(pad_token, "pad_token"),
+            "eos_token": _token_content(eos_token, "eos_token"), "bos_token": _token_content(bos_token, "bos_token"),
+        }  # fmt: skip
+        try:
+            backend = Tokenizer.from_file(str(self._file))
+        except Exception as error:  # the Rust library raises a plain Exception for a malformed file
+            raise TokenizerError(f"{self._file} is not a tokenizers JSON file: {error}") from error
+        self._ids = {key: self._token_id(backend, self._settings[key]) for key in _GEMMA_DEFAULT_TOKENS}
+        if lower_case:
+            backend.normalizer = (
+                normalizers.Sequence([normalizers.Lowercase(), backend.normalizer])
+                if backend.normalizer is not None
+                else normalizers.Lowercase()
+            )
+        if add_bos_token is not None or add_eos_token is not None:
+            backend.post_processor = self._template(bool(add_bos_token), bool(add_eos_token))
+        backend.no_truncation()
+        backend.no_padding()
+        self._plain = backend  # no truncation, no padding: `encode`, `decode`, and the base of each length
+        self._padded: dict[int, Tokenizer] = {}
+        self._clean_fn = OPEN_CLIP_CLEANERS[clean] if clean is not None else None
+
+    def _template(self, bos: bool, eos: bool) -> processors.TemplateProcessing:
+        """``[<bos>] $A [<eos>]``, as transformers' ``update_post_processor`` builds it from the two flags."""
+        bos_token, eos_token = self._settings["bos_token"], self._settings["eos_token"]
+
+        def sequence(name: str, type_id: int) -> str:
+            parts = [f"{bos_token}:{type_id}"] * bos + [f"{name}:{type_id}"] + [f"{eos_token}:{type_id}"] * eos
+            return " ".join(parts)
+
+        specials = [(bos_token, self._ids["bos_token"])] * bos + [(eos_token, self._ids["eos_token"])] * eos
+        return processors.TemplateProcessing(
+            single=sequence("$A", 0), pair=f"{sequence('$A', 0)} {sequence('$B', 1)}", special_tokens=specials
+        )
+
+    def _token_id(self, backend: Tokenizer, token: str) -> int:
+        token_id = backend.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"{self._file} has no {token!r} token")
+        return token_id
+
+    def _backend_for(self, length: int) -> Tokenizer:
+        """The pipeline truncating and padding to ``length`` (one per length, built once)."""
+        if length not in self._padded:
+            backend = Tokenizer.from_str(self._plain.to_str())
+            backend.enable_truncation(max_length=length, direction="right")
+            backend.enable_padding(
+                direction=self._settings["padding_side"], pad_id=self.pad_token_id,
+                pad_token=self._settings["pad_token"], length=length,
+            )  # fmt: skip
+            self._padded[length] = backend
+        return self._padded[length]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"tokenizer_file": self._file, "context_length": self._context_length, **self._settings}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def __repr__(self) -> str:
+        return (
+            f"GemmaTokenizer(tokenizer_file={str(self._file)!r}, context_length={self._context_length}, "
+            f"lower_case={self._settings['lower_case']}, vocab_size={self.vocab_size})"
+        )
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    @property
+    def vocab_size(self) -> int:
+        return self._plain.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def sot_token_id(self) -> int | None:
+        return self._ids["bos_token"] if self._settings["add_bos_token"] else None
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._ids["eos_token"]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._ids["pad_token"]
+
+    @property
+    def lower_case(self) -> bool:
+        return self._settings["lower_case"]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "type": "gemma", "context_length": self._context_length, "tokenizer_file": str(self._file),
+        }  # fmt: skip
+        for key, value in self._settings.items():
+            default = {"lower_case": True, "padding_side": "right", **_GEMMA_DEFAULT_TOKENS}.get(key)
+            if value is not None and value != default:
+                config[key] = value
+        if not self._settings["lower_case"]:
+            config["lower_case"] = False
+        return config
+
+    def save(self, directory: str | Path) -> dict[str, Any]:
+        """Copies tokenizer.json into ``directory``; returns the config (with a relative path) to store."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / GEMMA_TOKENIZER_FILE
+        if target.resolve() != self._file:
+            shutil.copyfile(self._file, target)
+        return {**self.config, "tokenizer_file": target.name}
+
+    def save_hf(self, directory: str | Path) -> None:
+        """Write transformers' tokenizer files: tokenizer.json and a tokenizer_config.json naming
+        ``Siglip2Tokenizer`` (which lower-cases) or, without lower-casing, ``GemmaTokenizer``."""
+        directory = Path(directory)
+        self.save(directory)
+        settings = self._settings
+        config: dict[str, Any] = {
+            "tokenizer_class": "Siglip2Tokenizer" if settings["lower_case"] else "GemmaTokenizer",
+            "model_max_length": self._context_length, "padding_side": settings["padding_side"],
+            "pad_token": settings["pad_token"], "eos_token": settings["eos_token"], "bos_token": settings["bos_token"],
+            # trained without an attention mask, like SigLIP (see SiglipTokenizer.save_hf)
+            "model_input_names": ["input_ids"],
+        }  # fmt: skip
+        for key in ("add_bos_token", "add_eos_token"):
+            if settings[key] is not None:
+                config[key] = settings[key]
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+    def _prepare(self, texts: list[str]) -> list[str]:
+        return [self._clean_fn(text) for text in texts] if self._clean_fn is not None else texts
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of one text (cleaned and lower-cased as configured), without special tokens or truncation."""
+        return self._plain.encode(self._prepare([_single_text(text)])[0], add_special_tokens=False).ids
+
+    def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> torch.Tensor:
+        """Token ids, (B, context_length) int64; a single string gives B = 1."""
+        text_list = _as_text_list(texts)
+        length = (
+            self._context_length if context_length is None else _checked_context_length(context_length, 1)
+        )
+        if not text_list:
+            return torch.zeros(0, length, dtype=torch.int64)
+        encodings = self._backend_for(length).encode_batch(self._prepare(text_list))
+        return torch.tensor([encoding.ids for encoding in encodings], dtype=torch.int64)  # (B, L)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of a sequence of ids (lower-cased, as the model saw it); special tokens dropped by default."""
+        id_list = _ids_as_list(ids)
+        for token_id in id_list:
+            if not 0 <= token_id < self.vocab_size:
+                raise TokenizerError(f"token id {token_id} is outside the vocabulary 0..{self.vocab_size - 1}")
+        return self._plain.decode(id_list, skip_special_tokens=skip_special_tokens)
+
+
 class UnavailableTokenizer:
     """Stands in for a checkpoint's tokenizer whose files cannot be had (offline, not cached): the model
     and its image tower load; tokenizing, saving or asking for the config raises with the reason."""
@@ -614,7 +859,9 @@ class UnavailableTokenizer:
 _CONFIG_KEYS = {
     "clip": {"type", "context_length", "bpe_path"},
     "siglip": {"type", "context_length", "spiece_model", "do_lower_case", "clean"},
-}
+    "gemma": {"type", "context_length", "tokenizer_file", "tokenizer_config", "lower_case", "add_bos_token",
+              "add_eos_token", "padding_side", "clean", "pad_token", "eos_token", "bos_token"},
+}  # fmt: skip
 
 
 def _resolve(path_value: Any, model_dir: str | Path | None, key: str) -> Path:
@@ -628,8 +875,12 @@ def _resolve(path_value: Any, model_dir: str | Path | None, key: str) -> Path:
 
 def build_tokenizer(
     config: dict[str, Any], model_dir: str | Path | None = None
-) -> ClipTokenizer | SiglipTokenizer:
-    """A tokenizer from its ``config`` dict; relative file paths are read against ``model_dir``."""
+) -> ClipTokenizer | SiglipTokenizer | GemmaTokenizer:
+    """A tokenizer from its ``config`` dict; relative file paths are read against ``model_dir``.
+
+    A "gemma" config may name a ``tokenizer_config`` (transformers' tokenizer_config.json) whose settings
+    (`gemma_settings`) apply where the config gives none.
+    """
     if not isinstance(config, dict):
         raise TokenizerError(f"tokenizer config must be a dict, got {type(config).__name__}")
     kind = config.get("type")
@@ -644,6 +895,18 @@ def build_tokenizer(
             context_length=config.get("context_length", 77),
             bpe_path=None if bpe_path is None else _resolve(bpe_path, model_dir, "bpe_path"),
         )
+    if kind == "gemma":
+        if "tokenizer_file" not in config:
+            raise TokenizerError("gemma tokenizer config needs 'tokenizer_file' (path of tokenizer.json)")
+        settings: dict[str, Any] = {}
+        if config.get("tokenizer_config") is not None:
+            recorded = _read_json(_resolve(config["tokenizer_config"], model_dir, "tokenizer_config"))
+            if not isinstance(recorded, dict):
+                raise TokenizerError(f"{config['tokenizer_config']} must hold a JSON object")
+            settings = gemma_settings(recorded)
+        paths = ("type", "tokenizer_file", "tokenizer_config")
+        settings |= {key: value for key, value in config.items() if key not in paths}
+        return GemmaTokenizer(_resolve(config["tokenizer_file"], model_dir, "tokenizer_file"), **settings)
     if "spiece_model" not in config:
         raise TokenizerError("siglip tokenizer config needs 'spiece_model' (path of the SentencePiece model)")
     return SiglipTokenizer(
@@ -656,6 +919,9 @@ def build_tokenizer(
 
 _HF_CLIP_CLASSES = {"CLIPTokenizer", "CLIPTokenizerFast"}
 _HF_SIGLIP_CLASSES = {"SiglipTokenizer"}
+# SigLIP 2 folders name Gemma's tokenizer (and a tokenizer.json); transformers' Siglip2Tokenizer is the same
+# with lower-casing. polyclip lower-cases for every one of them: the model was trained so.
+HF_GEMMA_CLASSES = {"GemmaTokenizer", "GemmaTokenizerFast", "Siglip2Tokenizer"}
 # transformers writes this huge number as model_max_length when a checkpoint sets none
 _UNSET_MAX_LENGTH = 10**9
 
@@ -714,12 +980,14 @@ def _check_hf_clip_vocabulary(folder: Path) -> None:
 
 def tokenizer_from_hf_folder(
     path: str | Path, context_length: int | None = None
-) -> ClipTokenizer | SiglipTokenizer:
+) -> ClipTokenizer | SiglipTokenizer | GemmaTokenizer:
     """The tokenizer of a Hugging Face checkpoint folder (``tokenizer_config.json`` and vocabulary files).
 
     A folder whose ``tokenizer_config.json`` names a CLIP tokenizer gives a ``ClipTokenizer`` (after checking
-    that its vocabulary files, if any, are CLIP's); a folder with ``spiece.model`` gives a ``SiglipTokenizer``.
-    ``context_length`` defaults to the folder's ``model_max_length``.
+    that its vocabulary files, if any, are CLIP's); a folder with ``spiece.model`` gives a ``SiglipTokenizer``;
+    one naming a Gemma tokenizer (SigLIP 2) gives a lower-casing ``GemmaTokenizer`` over its tokenizer.json,
+    with the folder's add_bos_token / add_eos_token / padding_side. ``context_length`` defaults to the
+    folder's ``model_max_length``.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -734,6 +1002,17 @@ def tokenizer_from_hf_folder(
     if tokenizer_class in _HF_CLIP_CLASSES:
         _check_hf_clip_vocabulary(folder)
         return ClipTokenizer(context_length=_context_length_from(tokenizer_config, context_length, 77))
+    if tokenizer_class in HF_GEMMA_CLASSES:
+        tokenizer_file = folder / GEMMA_TOKENIZER_FILE
+        if not tokenizer_file.is_file():
+            raise MissingTokenizerError(
+                f"{folder}: tokenizer_config.json names {tokenizer_class} but the folder has no {GEMMA_TOKENIZER_FILE}"
+            )
+        return GemmaTokenizer(
+            tokenizer_file,
+            context_length=_context_length_from(tokenizer_config, context_length, 64),
+            **gemma_settings(tokenizer_config),
+        )
     if spiece_path.is_file() and tokenizer_class in _HF_SIGLIP_CLASSES | {None}:
         return SiglipTokenizer(
             spiece_path,
@@ -743,7 +1022,7 @@ def tokenizer_from_hf_folder(
     if tokenizer_class is not None:
         raise TokenizerError(
             f"{folder}: tokenizer class {tokenizer_class!r} is not supported; supported: "
-            f"{sorted(_HF_CLIP_CLASSES | _HF_SIGLIP_CLASSES)}"
+            f"{sorted(_HF_CLIP_CLASSES | _HF_SIGLIP_CLASSES | HF_GEMMA_CLASSES)}"
         )
     raise MissingTokenizerError(
         f"{folder}: no tokenizer found (expected tokenizer_config.json naming a CLIP tokenizer, or spiece.model)"

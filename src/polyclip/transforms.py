@@ -12,6 +12,11 @@ Geometry (``resize_mode``):
   ``resize_mode="squash"``, pybioclip's ``Resize((224, 224))``).
 - ``"longest"``: resize the long side (sizes rounded with ``round()``) and pad to a square with
   ``fill_color``, as open_clip's ``ResizeKeepRatio(longest=1)`` + ``CenterCropOrPad``.
+- ``"naflex"``: SigLIP 2's NaFlex (transformers ``Siglip2ImageProcessor``): the aspect ratio is kept; both
+  sides are scaled by the largest factor (found by the reference's binary search) for which each side,
+  rounded up to a multiple of ``patch_size``, gives at most ``max_num_patches`` patches; the image is cut
+  into those patches. The output is not a (3, S, S) image but the NaFlex tower's packed patches
+  (``max_num_patches + 1``, P*P*3): see `polyclip.models.naflex`.
 
 Order of operations and rounding (``convention``), which differ between the references:
 
@@ -51,6 +56,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from polyclip.images import DEFAULT_MAX_PIXELS, ImageSource, load_image, to_rgb
+from polyclip.models.naflex import pack_patches
 
 __all__ = [
     "BIOCLIP_PREPROCESS",
@@ -83,6 +89,7 @@ __all__ = [
     "ToNormalizedTensor",
     "TrainTransform",
     "build_preprocess",
+    "naflex_size",
 ]
 
 # OpenAI CLIP's statistics of its training images (clip/clip.py), also used by BioCLIP and open_clip.
@@ -94,7 +101,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
-RESIZE_MODES = ("shortest", "squash", "longest")
+RESIZE_MODES = ("shortest", "squash", "longest", "naflex")
+_NAFLEX_FIELDS = ("patch_size", "max_num_patches")  # recorded only with resize_mode "naflex"
 # Order of RGB conversion and resize, crop rounding, resize arithmetic (see the module docstring)
 CONVENTIONS = ("torchvision", "transformers", "tensor")
 # The convention of each checkpoint format's reference loader (OpenAI files: clip.load; open_clip
@@ -130,6 +138,9 @@ class PreprocessConfig:
     std: tuple[float, float, float] = CLIP_STD
     fill_color: int = 0  # grey level of the padding in "longest" mode
     convention: str = "torchvision"  # one of CONVENTIONS: whose order and rounding (module docstring)
+    # resize_mode "naflex" only (0 otherwise): the patch side and the most patches an image may have
+    patch_size: int = 0
+    max_num_patches: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
@@ -175,6 +186,20 @@ class PreprocessConfig:
         ):
             raise PreprocessConfigError(f"fill_color must be an integer in 0..255, got {self.fill_color!r}")
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
+        for name in _NAFLEX_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise PreprocessConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.resize_mode == "naflex":
+            if self.patch_size < 2 or self.max_num_patches < 1:
+                raise PreprocessConfigError(
+                    "resize_mode 'naflex' needs patch_size >= 2 and max_num_patches >= 1, got "
+                    f"{self.patch_size} and {self.max_num_patches}"
+                )
+            if self.convention == "tensor" or self.crop_pct != 1.0:
+                raise PreprocessConfigError("resize_mode 'naflex' resizes with Pillow and never crops")
+        elif self.patch_size or self.max_num_patches:
+            raise PreprocessConfigError("patch_size and max_num_patches belong to resize_mode 'naflex' only")
 
     @property
     def resize_size(self) -> int:
@@ -188,9 +213,11 @@ class PreprocessConfig:
         return math.floor(self.image_size / self.crop_pct + 1e-6)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples become lists)."""
+        """JSON-ready dict (tuples become lists; the NaFlex fields only for resize_mode "naflex")."""
         return {
-            key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()
+            key: list(value) if isinstance(value, tuple) else value
+            for key, value in asdict(self).items()
+            if key not in _NAFLEX_FIELDS or self.resize_mode == "naflex"
         }
 
     @classmethod
@@ -285,6 +312,8 @@ class ImageTransform:
         return self._config.image_size
 
     def __call__(self, image: ImageSource) -> torch.Tensor:
+        if self._config.resize_mode == "naflex":
+            return self._naflex_patches(self.resize_and_crop(image))  # (max_num_patches + 1, P*P*3)
         if self._config.convention == "tensor":
             return self.to_tensor.normalize(self._resize_tensor(self._rgb(self._decode(image))))
         return self.to_tensor(self.resize_and_crop(image))  # (3, S, S)
@@ -293,7 +322,10 @@ class ImageTransform:
         """Preprocess several images into one (B, 3, S, S) tensor."""
         tensors = [self(image) for image in images]
         if not tensors:
-            size = self._config.image_size
+            config = self._config
+            if config.resize_mode == "naflex":
+                return torch.empty(0, config.max_num_patches + 1, 3 * config.patch_size**2)
+            size = config.image_size
             return torch.empty(0, 3, size, size)
         return torch.stack(tensors)
 
@@ -313,6 +345,10 @@ class ImageTransform:
             image = self._rgb(image)  # modes Pillow cannot resize ("1" is resized by nearest, as Pillow)
         resample = INTERPOLATIONS[config.interpolation]
         size = config.image_size
+        if config.resize_mode == "naflex":
+            width, height = image.size
+            new_height, new_width = naflex_size(height, width, config.patch_size, config.max_num_patches)
+            return self._rgb(image.resize((new_width, new_height), resample=resample))
         if config.resize_mode == "longest":
             image = _resize_longest_and_pad(image, size, resample, config.fill_color)
         else:
@@ -326,6 +362,17 @@ class ImageTransform:
             left, top = _crop_offsets(image.size, size, config.convention)
             image = image.crop((left, top, left + size, top + size))
         return self._rgb(image)
+
+    def _naflex_patches(self, image: Image.Image) -> torch.Tensor:
+        """Resized RGB image -> packed patches (max_num_patches + 1, P*P*3), as Siglip2ImageProcessor's
+        ``convert_image_to_patches``: patches row-major over the grid, each flattened (row, column, channel)."""
+        config, patch = self._config, self._config.patch_size
+        pixels = self.to_tensor(image)  # (3, H, W)
+        rows, columns = pixels.shape[1] // patch, pixels.shape[2] // patch
+        patches = (
+            pixels.view(3, rows, patch, columns, patch).permute(1, 3, 2, 4, 0).reshape(rows * columns, -1)
+        )  # (h*w, P*P*3)
+        return pack_patches(patches, (rows, columns), config.max_num_patches)
 
     def _decode(self, image: ImageSource) -> Image.Image:
         """Decoded, upright, 8 bits per channel, in the image's own mode."""
@@ -398,6 +445,27 @@ def build_preprocess(config_or_name: PreprocessConfig | dict[str, Any] | str) ->
         "build_preprocess takes a PreprocessConfig, a dict or a preset name; "
         f"got {type(config_or_name).__name__}"
     )
+
+
+def naflex_size(height: int, width: int, patch_size: int, max_num_patches: int) -> tuple[int, int]:
+    """(height, width) of SigLIP 2's NaFlex resize: the largest scale whose sides, each rounded up to a
+    multiple of ``patch_size`` (at least one patch), make at most ``max_num_patches`` patches.
+
+    The scale is found by the reference's bisection over [1e-6, 100] down to an interval of 1e-5
+    (transformers ``get_image_size_for_max_num_patches``), so that sizes agree with it to the pixel.
+    """
+
+    def side(scale: float, size: int) -> int:
+        return max(patch_size, math.ceil(size * scale / patch_size) * patch_size)
+
+    low, high, eps = 1e-6, 100.0, 1e-5
+    while high - low >= eps:
+        scale = (low + high) / 2
+        if (side(scale, height) / patch_size) * (side(scale, width) / patch_size) <= max_num_patches:
+            low = scale
+        else:
+            high = scale
+    return side(low, height), side(low, width)
 
 
 def _shortest_edge_size(size: tuple[int, int], target: int) -> tuple[int, int]:

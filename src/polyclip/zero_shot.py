@@ -164,7 +164,9 @@ class ZeroShotClassifier:
 
     def _pixels(self, images) -> torch.Tensor:
         if isinstance(images, torch.Tensor):
-            return images if images.dim() == 4 else images.unsqueeze(0)
+            # a batch of images (B, 3, H, W), or of NaFlex packed patches (B, N + 1, P*P*3)
+            batch_rank = 3 if self.model.config.vision.kind == "naflex" else 4
+            return images if images.dim() == batch_rank else images.unsqueeze(0)
         if self.preprocess is None:
             raise ValueError(
                 "pass a (B, 3, H, W) tensor, or build the classifier with preprocess= for images"

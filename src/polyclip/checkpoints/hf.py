@@ -1,15 +1,24 @@
-"""Hugging Face transformers folders: CLIPModel and SiglipModel.
+"""Hugging Face transformers folders: CLIPModel, SiglipModel (SigLIP and SigLIP 2) and Siglip2Model (NaFlex).
 
 A folder holds ``config.json`` and ``model.safetensors`` or ``pytorch_model.bin`` (or sharded weights
 with an ``*.index.json``), usually with ``preprocessor_config.json`` and tokenizer files.
 config.json records only the values that differ from transformers' defaults, so the defaults of
 ``CLIPTextConfig``/``CLIPVisionConfig`` and ``SiglipTextConfig``/``SiglipVisionConfig`` are kept here.
-Reference: transformers ``models/clip/modeling_clip.py``, ``models/siglip/modeling_siglip.py``.
+Reference: transformers ``models/clip/modeling_clip.py``, ``models/siglip/modeling_siglip.py``,
+``models/siglip2/modeling_siglip2.py``.
+
+SigLIP 2 comes in two forms. The fixed-resolution checkpoints are ``SiglipModel`` folders (model_type
+"siglip") with Gemma's 256k tokenizer: polyclip tells them from SigLIP 1 by their tokenizer
+(`siglip2_tokenizer_class`: a tokenizer_config.json naming a Gemma tokenizer, or a vocabulary of 256000
+recorded with a tokenizer.json and no spiece.model). The NaFlex checkpoints are ``Siglip2Model`` folders
+(model_type "siglip2"): the same towers and key names, except that the patch embedding is a linear layer
+over flattened patches and the positions a grid resized per image (`polyclip.models.naflex`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +96,16 @@ _DEFAULTS = {
         "top": dict(),
     },
 }
+# Siglip2Model (NaFlex): SigLIP's towers; the position grid is num_patches (16 x 16) instead of image_size
+_DEFAULTS["siglip2"] = {
+    "text": _DEFAULTS["siglip"]["text"],
+    "vision": {
+        **{k: v for k, v in _DEFAULTS["siglip"]["vision"].items() if k != "image_size"},
+        "num_patches": 256,
+    },
+    "top": dict(),
+}
+GEMMA_VOCAB_SIZE = 256_000  # every SigLIP 2 text tower (Gemma's tokenizer)
 
 # transformers' activation names -> polyclip's
 _ACTIVATIONS = {
@@ -143,6 +162,8 @@ PAIRS: dict[str, TemplatePairs] = {
         ("logit_bias", "logit_bias"),
     ],
 }
+# Siglip2Model has SiglipModel's names; its patch embedding is an nn.Linear (weight (D, P*P*3)) on both sides
+PAIRS["siglip2"] = PAIRS["siglip"]
 # reading does not need the model type: the two tables never map one name two ways
 RENAMES = template_renames(list(dict.fromkeys(PAIRS["clip"] + PAIRS["siglip"])))
 # buffers that older transformers versions saved; they carry no weights
@@ -165,7 +186,8 @@ def config_from_hf(hf_config: dict[str, Any]) -> DualEncoderConfig:
     model_type = hf_config.get("model_type")
     if model_type not in _DEFAULTS:
         raise CheckpointError(
-            f"config.json has model_type {model_type!r}; polyclip reads transformers 'clip' and 'siglip' folders"
+            f"config.json has model_type {model_type!r}; polyclip reads transformers 'clip', 'siglip' and "
+            "'siglip2' folders"
         )
     defaults = _DEFAULTS[model_type]
     text = _merged(defaults["text"], hf_config.get("text_config"))
@@ -201,13 +223,26 @@ def config_from_hf(hf_config: dict[str, Any]) -> DualEncoderConfig:
             ),
             init_logit_scale=top["logit_scale_init_value"],
         )
+    # the text head maps to projection_size: the image width (SigLIP 2's giant-opt: 1152 -> 1536)
     projection = text.get("projection_size") or text["hidden_size"]
     if projection != vision["hidden_size"]:
-        raise CheckpointError("SigLIP text projection size differs from the vision width; not supported")
+        raise CheckpointError(
+            f"SigLIP text projection size {projection} differs from the image width {vision['hidden_size']}: "
+            "the two embeddings would not be comparable"
+        )
+    if model_type == "siglip2":
+        grid = math.isqrt(vision["num_patches"])
+        if not isinstance(vision["num_patches"], int) or grid * grid != vision["num_patches"]:
+            raise CheckpointError(
+                f"Siglip2 vision_config.num_patches {vision['num_patches']!r} is not a square grid of positions"
+            )
+        geometry = dict(kind="naflex", image_size=grid * vision["patch_size"])
+    else:
+        geometry = dict(image_size=vision["image_size"])
     return DualEncoderConfig(
         embed_dim=vision["hidden_size"],
         vision=siglip_vision(
-            image_size=vision["image_size"], patch_size=vision["patch_size"], width=vision["hidden_size"],
+            **geometry, patch_size=vision["patch_size"], width=vision["hidden_size"],
             layers=vision["num_hidden_layers"], heads=vision["num_attention_heads"],
             mlp_dim=vision["intermediate_size"], act=_activation(vision["hidden_act"]),
             norm_eps=vision["layer_norm_eps"],
@@ -259,9 +294,20 @@ def preprocess_from_hf(folder: Path, model_type: str, image_size: int) -> dict[s
     """PreprocessConfig fields from preprocessor_config.json (or transformers' defaults)."""
     path = folder / "preprocessor_config.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
+    combined = folder / "processor_config.json"  # transformers 5 saves the processors' settings in one file
+    if not data and combined.is_file():
+        data = json.loads(combined.read_text()).get("image_processor") or {}
     resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}.get(
-        data.get("resample", 3), "bicubic"
+        data.get("resample", 2 if model_type == "siglip2" else 3), "bicubic"
     )
+    if model_type == "siglip2":
+        # Siglip2ImageProcessor: aspect ratio kept, at most max_num_patches patches (defaults 16 and 256)
+        mean, std = data.get("image_mean", SIGLIP_MEAN), data.get("image_std", SIGLIP_STD)
+        return dict(
+            image_size=image_size, resize_mode="naflex", interpolation=resample, mean=tuple(mean),
+            std=tuple(std), convention="transformers", patch_size=int(data.get("patch_size", 16)),
+            max_num_patches=int(data.get("max_num_patches", 256)),
+        )  # fmt: skip
     if model_type == "siglip":
         size = data.get("size", {}).get("height", image_size)
         mean, std = data.get("image_mean", SIGLIP_MEAN), data.get("image_std", SIGLIP_STD)
@@ -290,12 +336,48 @@ def preprocess_from_hf(folder: Path, model_type: str, image_size: int) -> dict[s
     )
 
 
+def siglip2_tokenizer_class(folder: Path, hf_config: dict[str, Any]) -> str | None:
+    """The Gemma tokenizer class a SigLIP 2 folder records, or None for a folder that is not SigLIP 2's.
+
+    What is recorded decides, never the folder's name: tokenizer_config.json naming a Gemma tokenizer
+    (GemmaTokenizer, GemmaTokenizerFast, Siglip2Tokenizer), or, without one, a text vocabulary of 256000
+    with a tokenizer.json and no spiece.model (SigLIP 1's tokenizer file). Siglip2Model folders are SigLIP 2.
+    """
+    from polyclip.tokenizers import GEMMA_TOKENIZER_FILE, HF_GEMMA_CLASSES
+
+    path = folder / "tokenizer_config.json"
+    recorded = None
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"cannot read {path}: {error}") from error
+        recorded = data.get("tokenizer_class") if isinstance(data, dict) else None
+    if recorded in HF_GEMMA_CLASSES:
+        return recorded
+    vocab = (hf_config.get("text_config") or {}).get("vocab_size")
+    gemma_files = (folder / GEMMA_TOKENIZER_FILE).is_file() and not (folder / "spiece.model").is_file()
+    if recorded is None and (
+        hf_config.get("model_type") == "siglip2" or (vocab == GEMMA_VOCAB_SIZE and gemma_files)
+    ):
+        return "GemmaTokenizer"
+    return None
+
+
 def read_hf(folder: Path) -> Checkpoint:
     hf_config = json.loads((folder / "config.json").read_text())
     config = config_from_hf(hf_config)
     state_dict: dict[str, torch.Tensor] = {}
     for path in find_weight_files(folder):
         state_dict.update(read_weights(path))
+    notes = []
+    if hf_config.get("model_type") in ("siglip", "siglip2"):
+        tokenizer_class = siglip2_tokenizer_class(folder, hf_config)
+        if tokenizer_class in ("GemmaTokenizer", "GemmaTokenizerFast"):
+            notes.append(
+                f"SigLIP 2: the folder names {tokenizer_class}, which does not lower-case; polyclip lower-cases "
+                "the text before Gemma's tokenizer, as SigLIP 2 was trained (transformers' Siglip2Tokenizer)"
+            )
     return Checkpoint(
         format="hf",
         config=config,
@@ -303,4 +385,5 @@ def read_hf(folder: Path) -> Checkpoint:
         preprocess=preprocess_from_hf(folder, hf_config["model_type"], config.vision.image_size),
         tokenizer=None,  # read from the folder's tokenizer files by the loader
         source=folder,
+        notes=notes,
     )

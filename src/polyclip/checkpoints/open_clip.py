@@ -202,6 +202,7 @@ TIMM_SIGLIP_FAMILIES: dict[str, dict[str, int]] = {
     "base": dict(width=768, layers=12, heads=12, mlp_dim=3072),
     "large": dict(width=1024, layers=24, heads=16, mlp_dim=4096),
     "so400m": dict(width=1152, layers=27, heads=16, mlp_dim=4304),  # mlp_ratio 3.7362
+    "giantopt": dict(width=1536, layers=40, heads=16, mlp_dim=6144),  # SigLIP 2's g-opt (ViT-gopt-16-SigLIP2)
 }
 _TIMM_SIGLIP_NAME = re.compile(r"vit_(?P<family>[a-z0-9]+)_patch(?P<patch>\d+)_siglip_(?P<size>\d+)")
 
@@ -405,19 +406,24 @@ def preprocess_from_open_clip(preprocess_cfg: dict[str, Any], image_size: int) -
     )
 
 
-# The SentencePiece file of a SigLIP tokenizer: read from the folder, or from the hub repo the config names
+# The tokenizer file of a SigLIP (SentencePiece) or SigLIP 2 (Gemma) tokenizer: read from the folder, or from
+# the hub repo the config names
 SPIECE_FILE = "spiece.model"
+GEMMA_FILE = "tokenizer.json"  # SigLIP 2's Gemma tokenizer
+GEMMA_VOCAB_SIZE = 256_000
 HUB_FILE_PREFIX = "hf-hub:"  # a tokenizer file named "hf-hub:org/repo/file" is resolved by the loader
 
 
 def tokenizer_from_open_clip(
     text_cfg: dict[str, Any], notes: list[str], folder: Path | None = None
 ) -> dict[str, Any] | None:
-    """The tokenizer config: CLIP's BPE, or SigLIP's SentencePiece named by ``hf_tokenizer_name``.
+    """The tokenizer config: CLIP's BPE, SigLIP's SentencePiece or SigLIP 2's Gemma BPE (``hf_tokenizer_name``).
 
     open_clip builds ``HFTokenizer(hf_tokenizer_name)``: from the folder's own files with ``local-dir:``,
-    from the hub otherwise. polyclip reads the folder's ``spiece.model`` when it is there and otherwise
-    names the hub repo's (``hf-hub:REPO/spiece.model``), which the loader resolves through the hub cache.
+    from the hub otherwise. polyclip reads the folder's ``spiece.model`` (SigLIP) or ``tokenizer.json``
+    (SigLIP 2) when it is there and otherwise names the hub repo's (``hf-hub:REPO/FILE``), which the loader
+    resolves through the hub cache. A SigLIP 2 tokenizer is recognised by what is recorded: a vocabulary of
+    256000 (Gemma's), or a folder holding a tokenizer.json and no spiece.model.
     """
     context_length = text_cfg.get("context_length", 77)
     name = text_cfg.get("hf_tokenizer_name")
@@ -426,20 +432,23 @@ def tokenizer_from_open_clip(
             notes.append(f"vocab_size {text_cfg['vocab_size']} is not CLIP's BPE and no tokenizer is named")
             return None
         return {"type": "clip", "context_length": context_length}
-    local = folder is not None and (folder / SPIECE_FILE).is_file()
-    # SigLIP (v1) checkpoints name a hub repo holding their SentencePiece model; SigLIP 2 uses Gemma's
-    lowered = name.lower()
-    if not local and ("siglip" not in lowered or "siglip2" in lowered):
+    # open_clip's HFTokenizer cleans the text first ("whitespace" unless tokenizer_kwargs say otherwise)
+    clean = (text_cfg.get("tokenizer_kwargs") or {}).get("clean", "whitespace")
+    repo = name.removeprefix(HUB_FILE_PREFIX)
+    has = {file: folder is not None and (folder / file).is_file() for file in (SPIECE_FILE, GEMMA_FILE)}
+    if text_cfg.get("vocab_size") == GEMMA_VOCAB_SIZE or (has[GEMMA_FILE] and not has[SPIECE_FILE]):
+        return _gemma_tokenizer(repo, context_length, clean, has[GEMMA_FILE], folder, notes)
+    local = has[SPIECE_FILE]
+    # SigLIP (v1) checkpoints name a hub repo holding their SentencePiece model
+    if not local and "siglip" not in repo.lower():
         notes.append(f"tokenizer {name!r} is not one polyclip provides")
         return None
     if local:
         spiece = SPIECE_FILE
     else:
-        spiece = f"{HUB_FILE_PREFIX}{name.removeprefix(HUB_FILE_PREFIX)}/{SPIECE_FILE}"
+        spiece = f"{HUB_FILE_PREFIX}{repo}/{SPIECE_FILE}"
         notes.append(f"the folder has no {SPIECE_FILE}: the SentencePiece model is the hub repo {name!r}'s")
-    # open_clip's HFTokenizer cleans the text first ("whitespace" unless tokenizer_kwargs say otherwise);
     # the tokenizer's own lower-casing is its tokenizer_config.json's
-    clean = (text_cfg.get("tokenizer_kwargs") or {}).get("clean", "whitespace")
     lower = True
     if local and (folder / "tokenizer_config.json").is_file():
         try:
@@ -452,6 +461,25 @@ def tokenizer_from_open_clip(
     if not lower:
         config["do_lower_case"] = False
     return config
+
+
+def _gemma_tokenizer(
+    repo: str, context_length: int, clean: str, local: bool, folder: Path | None, notes: list[str]
+) -> dict[str, Any]:
+    """SigLIP 2 in open_clip: HFTokenizer = open_clip's cleaning, then the Gemma tokenizer the repo names
+    (``AutoTokenizer``: its tokenizer.json and tokenizer_config.json), padded to max_length. open_clip adds
+    no lower-casing of its own: its SigLIP 2 configs clean with "canonicalize", which lower-cases."""
+    if local:
+        files = {"tokenizer_file": GEMMA_FILE}
+        if (folder / "tokenizer_config.json").is_file():
+            files["tokenizer_config"] = "tokenizer_config.json"
+    else:
+        files = {
+            "tokenizer_file": f"{HUB_FILE_PREFIX}{repo}/{GEMMA_FILE}",
+            "tokenizer_config": f"{HUB_FILE_PREFIX}{repo}/tokenizer_config.json",
+        }
+        notes.append(f"the folder has no {GEMMA_FILE}: the Gemma tokenizer is the hub repo {repo!r}'s")
+    return {"type": "gemma", "context_length": context_length, **files, "clean": clean, "lower_case": False}
 
 
 def find_weights(folder: Path) -> Path:

@@ -67,6 +67,7 @@ def _clip_resnet(
 
 def siglip_vision(
     *,
+    kind: str = "vit",
     image_size: int,
     patch_size: int,
     width: int,
@@ -79,11 +80,12 @@ def siglip_vision(
 ) -> VisionConfig:
     """SigLIP's image tower (big_vision; transformers' SiglipVisionModel; timm's ``vit_*_siglip_*``): no class
     token, no pre-norm, a patch-embedding bias, LayerNorm eps 1e-6, a MAP head (attention-pool) and, except
-    for open_clip's ``timm_proj="linear"``, no projection after it. The one home of these settings."""
+    for open_clip's ``timm_proj="linear"``, no projection after it. The one home of these settings.
+    ``kind="naflex"``: SigLIP 2's NaFlex tower (image_size is then the side of its position grid in pixels)."""
     return VisionConfig(
-        image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads, mlp_dim=mlp_dim,
-        act=act, norm_eps=norm_eps, pool="map", class_token=False, pre_norm=False, patch_bias=True,
-        projection=projection,
+        kind=kind, image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads,
+        mlp_dim=mlp_dim, act=act, norm_eps=norm_eps, pool="map", class_token=False, pre_norm=False,
+        patch_bias=True, projection=projection,
     )  # fmt: skip
 
 
@@ -127,6 +129,50 @@ def _siglip(
         init_logit_bias=-10.0,
     )
 
+
+# SigLIP 2 (Tschannen et al. 2025; transformers' google/siglip2-* configs, open_clip's *-SigLIP2 configs):
+# SigLIP's towers with Gemma's 256k vocabulary; the text tower has the image tower's sizes, except for the
+# giant-opt model, whose so400m-sized text tower projects to the image width.
+SIGLIP2_VOCAB_SIZE = 256_000
+_SIGLIP2_TOWERS = {
+    "B": dict(width=768, layers=12, heads=12, mlp_dim=3072),
+    "L": dict(width=1024, layers=24, heads=16, mlp_dim=4096),
+    "SO400M": dict(width=1152, layers=27, heads=16, mlp_dim=4304),
+    "gopt": dict(width=1536, layers=40, heads=16, mlp_dim=6144),
+}
+
+
+def _siglip2(size: str, *, image_size: int, patch_size: int, kind: str = "vit") -> DualEncoderConfig:
+    vision = _SIGLIP2_TOWERS[size]
+    text = _SIGLIP2_TOWERS["SO400M" if size == "gopt" else size]
+    return DualEncoderConfig(
+        embed_dim=vision["width"],
+        vision=siglip_vision(kind=kind, image_size=image_size, patch_size=patch_size, **vision),
+        text=siglip_text(vocab_size=SIGLIP2_VOCAB_SIZE, **text),
+        init_logit_scale=math.log(10.0),
+        init_logit_bias=-10.0,
+    )
+
+
+# name -> (tower size, patch, image size); the NaFlex ones: the position grid (16 x 16 patches)
+SIGLIP2_ARCHITECTURES = {
+    "ViT-B-16-SigLIP2": ("B", 16, 224), "ViT-B-16-SigLIP2-256": ("B", 16, 256),
+    "ViT-B-16-SigLIP2-384": ("B", 16, 384), "ViT-B-16-SigLIP2-512": ("B", 16, 512),
+    "ViT-L-16-SigLIP2-256": ("L", 16, 256), "ViT-L-16-SigLIP2-384": ("L", 16, 384),
+    "ViT-L-16-SigLIP2-512": ("L", 16, 512), "ViT-SO400M-14-SigLIP2": ("SO400M", 14, 224),
+    "ViT-SO400M-16-SigLIP2-256": ("SO400M", 16, 256), "ViT-SO400M-16-SigLIP2-384": ("SO400M", 16, 384),
+    "ViT-SO400M-16-SigLIP2-512": ("SO400M", 16, 512), "ViT-gopt-16-SigLIP2-256": ("gopt", 16, 256),
+    "ViT-gopt-16-SigLIP2-384": ("gopt", 16, 384),
+}  # fmt: skip
+SIGLIP2_NAFLEX_ARCHITECTURES = {"ViT-B-16-SigLIP2-naflex": "B", "ViT-SO400M-16-SigLIP2-naflex": "SO400M"}
+for _name, (_size, _patch, _image) in SIGLIP2_ARCHITECTURES.items():
+    register_architecture(_name)(
+        lambda size=_size, patch=_patch, image=_image: _siglip2(size, image_size=image, patch_size=patch)
+    )
+for _name, _size in SIGLIP2_NAFLEX_ARCHITECTURES.items():
+    register_architecture(_name)(
+        lambda size=_size: _siglip2(size, image_size=256, patch_size=16, kind="naflex")
+    )
 
 # fmt: off
 _B = dict(width=768, layers=12, heads=12, embed_dim=512, text_width=512, text_heads=8)
@@ -185,7 +231,6 @@ UNSUPPORTED_OPEN_CLIP_FAMILIES = {
     r"vitamin": "ViTamin image towers",
     r"mobileclip|fastvit|mci": "MobileCLIP (FastViT / MCi) towers",
     r"roberta|xlm|mt5|nllb|bert": "Hugging Face text towers",
-    r"siglip2": "SigLIP 2 models (Gemma tokenizer)",
 }
 
 
@@ -205,12 +250,17 @@ def open_clip_architecture(name: str) -> DualEncoderConfig:
         return config
     if name in _OPEN_CLIP_SIGLIP:
         return get_architecture(_OPEN_CLIP_SIGLIP[name])
+    if name in SIGLIP2_ARCHITECTURES:  # open_clip's timm trunk: exact GELU (its text tower: tanh GELU)
+        config = get_architecture(name)
+        config.vision.act = "gelu"
+        return config
     if name in _ARCHITECTURES:
         return get_architecture(name)
     for pattern, family in UNSUPPORTED_OPEN_CLIP_FAMILIES.items():
         if re.search(pattern, name.lower()):
             raise ConfigError(f"open_clip architecture {name!r}: {family} are not supported by polyclip")
-    known = [*OPEN_CLIP_GELU_OF, *(f"{n}-quickgelu" for n in OPEN_CLIP_GELU_OF), *_OPEN_CLIP_SIGLIP]
+    known = [*OPEN_CLIP_GELU_OF, *(f"{n}-quickgelu" for n in OPEN_CLIP_GELU_OF), *_OPEN_CLIP_SIGLIP,
+             *SIGLIP2_ARCHITECTURES]  # fmt: skip
     raise ConfigError(f"unknown architecture {name!r}; open_clip names polyclip reads: {', '.join(known)}")
 
 

@@ -103,7 +103,10 @@ def _block_parameters(width: int, mlp_dim: int) -> int:
 
 @dataclass
 class VisionConfig:
-    kind: str = "vit"  # "vit" (vision transformer) or "resnet" (OpenAI's ModifiedResNet)
+    # "vit" (vision transformer), "resnet" (OpenAI's ModifiedResNet) or "naflex" (SigLIP 2's NaFlex ViT:
+    # patches of any grid up to the preprocessing's max_num_patches; image_size is then the side of the
+    # learned position grid in pixels, grid_size**2 positions resized to each image's grid)
+    kind: str = "vit"
     image_size: int = 224
     # ViT
     patch_size: int = 32
@@ -123,7 +126,7 @@ class VisionConfig:
     resnet_width: int = 64
 
     def __post_init__(self) -> None:
-        _choice(self.kind, "vision.kind", ("vit", "resnet"))
+        _choice(self.kind, "vision.kind", ("vit", "resnet", "naflex"))
         _choice(self.pool, "vision.pool", ("cls", "map"))
         for name in ("class_token", "pre_norm", "patch_bias", "projection"):
             _bool(getattr(self, name), f"vision.{name}")
@@ -137,7 +140,9 @@ class VisionConfig:
         for stage, blocks in enumerate(self.resnet_layers):
             _int(blocks, f"vision.resnet_layers[{stage}]", 1, MAX_RESNET_BLOCKS)
         _int(self.resnet_width, "vision.resnet_width", 2, MAX_RESNET_WIDTH)
-        if self.kind == "vit":
+        if self.kind == "naflex" and (self.pool != "map" or self.class_token or self.pre_norm):
+            raise ConfigError("a NaFlex image tower is SigLIP 2's: pool='map', no class token, no pre-norm")
+        if self.kind in ("vit", "naflex"):
             _check_transformer(self, "vision")
             if self.image_size % self.patch_size:
                 raise ConfigError(

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from polyclip.models.config import DualEncoderConfig
+from polyclip.models.naflex import NaFlexVisionTransformer
 from polyclip.models.resnet import ModifiedResNet
 from polyclip.models.text import TextTransformer
 from polyclip.models.vit import VisionTransformer
 
-VISION_TOWERS = {"vit": VisionTransformer, "resnet": ModifiedResNet}
+VISION_TOWERS = {"vit": VisionTransformer, "resnet": ModifiedResNet, "naflex": NaFlexVisionTransformer}
 
 
 @dataclass
@@ -56,7 +57,8 @@ class DualEncoder(nn.Module):
         return self.logit_scale.device
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, E)."""
+        """(B, 3, H, W) -> (B, E); a NaFlex tower takes its packed patches (B, N + 1, P*P*3) instead
+        (what its preprocessing returns: see `polyclip.models.naflex`)."""
         features = self.visual(pixels.to(device=self.device, dtype=self._compute_dtype()))
         return F.normalize(features, dim=-1) if normalize else features
 
