@@ -48,7 +48,11 @@ class ModelIdentity:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of everything that changes the vectors: weights, dimension, preprocessing, tokenizer."""
+        """Hash of everything that changes the vectors: weights, dimension, preprocessing, tokenizer.
+
+        The one model identity shown everywhere: ``index info``, the service's /health, and the
+        refusal of another model by ``index build`` / ``add`` / search.
+        """
         payload = {
             "weights": self.weights_sha256,
             "embed_dim": self.embed_dim,
@@ -69,9 +73,7 @@ class ModelIdentity:
         """Human-readable list of what differs in ``other`` (empty when the fingerprints agree)."""
         diffs = []
         if self.weights_sha256 != other.weights_sha256:
-            diffs.append(
-                f"weights differ (index: {self.weights_sha256[:12]}..., model: {other.weights_sha256[:12]}...)"
-            )
+            diffs.append("weights differ")
         if self.embed_dim != other.embed_dim:
             diffs.append(f"embedding size differs (index: {self.embed_dim}, model: {other.embed_dim})")
         if self.preprocess != other.preprocess:
@@ -84,7 +86,8 @@ class ModelIdentity:
         diffs = self.differences(other)
         if diffs:
             raise ModelMismatchError(
-                f"the index was built with {self.source!r} and refuses {what} ({other.source!r}): "
+                f"the index was built with {self.source!r} (fingerprint {self.fingerprint}) and refuses "
+                f"{what} ({other.source!r}, fingerprint {other.fingerprint}): "
                 + "; ".join(diffs)
                 + ". Use the index's own model, or build a new index with this one."
             )
