@@ -303,7 +303,9 @@ def test_ivf_chosen_above_the_limit_with_recall_and_removal(tmp_path, tiny_encod
     index.save()
     index.close()
     with Index(tmp_path / "ivf", writable=True) as reopened:
-        assert reopened.spec().type == "ivf_flat" and reopened.spec().params["nprobe"] == spec.params["nprobe"]
+        assert (
+            reopened.spec().type == "ivf_flat" and reopened.spec().params["nprobe"] == spec.params["nprobe"]
+        )
         shrink = [i for i in range(1, count - 400) if i not in gone]  # well below the limit: back to exact
         reopened.remove(shrink)
         reopened.save()

@@ -155,7 +155,10 @@ class Index:
                 store.migrate_blob_vectors()
             store.close()
             spaces = {
-                space: {**IndexSpec.from_dict(entry).to_dict(), **{k: v for k, v in entry.items() if k not in ("type", "dim", "params")}}
+                space: {
+                    **IndexSpec.from_dict(entry).to_dict(),
+                    **{k: v for k, v in entry.items() if k not in ("type", "dim", "params")},
+                }
                 for space, entry in self._manifest["spaces"].items()
             }
             self._manifest = {**self._manifest, "format_version": FORMAT_VERSION, "spaces": spaces}
@@ -300,7 +303,11 @@ class Index:
                     "count": int(loaded.index.ntotal),
                 }
             # the FAISS files are in place before the manifest names their sequence numbers
-            self._manifest = {**self._manifest, "spaces": spaces_manifest, "vector_config": asdict(self.config)}
+            self._manifest = {
+                **self._manifest,
+                "spaces": spaces_manifest,
+                "vector_config": asdict(self.config),
+            }
             with disk_full_guard(self.folder / INDEX_JSON):
                 _write_json_atomic(self.folder / INDEX_JSON, self._manifest)
             # and only then is the log they reflect dropped: opening never needs it again
@@ -461,7 +468,11 @@ class Index:
         )
         if loaded.delta is not None and loaded.delta.ntotal:
             extra_scores, extra_ids = vector_ops.search(
-                loaded.delta, IndexSpec("flat", loaded.spec.dim), queries, min(k, int(loaded.delta.ntotal)), allowed
+                loaded.delta,
+                IndexSpec("flat", loaded.spec.dim),
+                queries,
+                min(k, int(loaded.delta.ntotal)),
+                allowed,
             )
             scores = np.concatenate([scores, extra_scores], axis=1)
             ids = np.concatenate([ids, extra_ids], axis=1)

@@ -91,9 +91,7 @@ def _chunks(values: Sequence, size: int = SQL_CHUNK) -> Iterator[Sequence]:
 
 
 class MetadataStore:
-    def __init__(
-        self, path: str | Path, vectors: dict[str, VectorStore], readonly: bool = False
-    ) -> None:
+    def __init__(self, path: str | Path, vectors: dict[str, VectorStore], readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self.vectors = vectors  # space -> its float16 row store
@@ -147,7 +145,8 @@ class MetadataStore:
                     next_row += len(rows)
                     moved += len(rows)
                 db.execute(
-                    "INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)", (f"next_row:{space}", str(next_row))
+                    "INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)",
+                    (f"next_row:{space}", str(next_row)),
                 )
             db.execute("DROP TABLE vectors")
             db.execute("ALTER TABLE vectors_rows RENAME TO vectors")
@@ -245,8 +244,11 @@ class MetadataStore:
             assert len(new_ids) == len(new_items)
             by_path = {item.path: item_id for item, item_id in zip(new_items, new_ids)}
             for space in SPACES:
-                owners = [(item_id, item.vectors[space]) for item, item_id in zip(new_items, new_ids)
-                          if space in item.vectors]
+                owners = [
+                    (item_id, item.vectors[space])
+                    for item, item_id in zip(new_items, new_ids)
+                    if space in item.vectors
+                ]
                 if not owners:
                     continue
                 first = self._next_row(db, space)
@@ -412,7 +414,9 @@ class MetadataStore:
         """
         total = self.count_vectors(space)
         rng = np.random.default_rng(seed)
-        chosen = np.sort(rng.choice(total, size=min(n, total), replace=False)) if total else np.zeros(0, np.int64)
+        chosen = (
+            np.sort(rng.choice(total, size=min(n, total), replace=False)) if total else np.zeros(0, np.int64)
+        )
         picked: list[np.ndarray] = []
         position = 0
         cursor = self._connection().execute(

@@ -74,7 +74,9 @@ class VectorStore:
                 offset = handle.tell()
             if shape != (self.rows_per_shard, self.dim) or np.dtype(dtype) != ROW_DTYPE:
                 os.close(fd)
-                raise OSError(f"{path}: holds {dtype} {shape}, expected float16 {(self.rows_per_shard, self.dim)}")
+                raise OSError(
+                    f"{path}: holds {dtype} {shape}, expected float16 {(self.rows_per_shard, self.dim)}"
+                )
             self._handles[key] = (fd, offset)
             return fd, offset
 

@@ -5,9 +5,9 @@ Kinds (FAISS factory strings in ``IndexSpec.params["factory"]``):
   hnsw      ``IDMap2,HNSW{M}``: a graph (Malkov & Yashunin, 2018), held in RAM; removals are masked
             until the next rebuild (FAISS's HNSW cannot delete).
   ivf_flat  ``IVF{nlist}[_HNSW32],Flat``: the inverted file (Jegou et al., 2011) without compression.
-  ivf_pq    ``OPQ{m}_{D},IVF{nlist}_HNSW32,PQ{m}x8``: vectors rotated (OPQ, Ge et al., 2013) and
-            compressed to ``m`` bytes by product quantization; scores re-ranked exactly from the
-            stored vectors.
+  ivf_pq    ``IVF{nlist}_HNSW32,PQ{m}x8``: vectors compressed to ``m`` bytes by product
+            quantization, optionally rotated first (``OPQ{m}_{D},...``, Ge et al., 2013); scores
+            re-ranked exactly from the stored vectors.
 
 `choose_spec` follows autofaiss's ``get_optimal_index_keys_v2`` (criteo/autofaiss,
 ``external/optimize.py``): exact search while the collection is small (here up to ``exact_limit``,
@@ -16,9 +16,11 @@ autofaiss: 1,000); then HNSW when its graph with ``M >= 8`` fits the budget (``M
 otherwise IVF-PQ with the largest code in (256, 128, 64, 48, 32, 24, 16, 8, 4) bytes whose size fits.
 ``nlist`` is autofaiss's first choice (``get_optimal_nb_clusters``): the power of two nearest
 ``4 sqrt(N)`` below 1M vectors, 16,384 up to 10M (autofaiss: below 10M), 65,536 up to 300M, 2^17
-beyond. The OPQ output dimension is the smallest multiple of ``m`` not below ``d`` (autofaiss widens it
-to up to ``7m``; the rotation is what matters, and the narrower one keeps training and adding
-affordable on small machines).
+beyond. autofaiss always rotates with OPQ; here OPQ is an option (``opq=True``), off by default:
+its training alone ran for minutes on a 20k sample on 2 cores, while re-ranking the candidates
+exactly from the stored vectors recovers the precision that PQ loses. With OPQ, the output dimension
+is the smallest multiple of ``m`` not below ``d`` (autofaiss widens it to up to ``7m``). FAISS's
+polysemous training of the PQ codes (for Hamming filtering, unused) is switched off.
 
 The search parameter (``nprobe`` for IVF, ``efSearch`` for HNSW) is tuned after the vectors are
 added, as autofaiss does, on stored vectors used as queries whose exact neighbours were computed in the
@@ -84,7 +86,7 @@ class VectorIndexConfig:
     max_query_ms: float = 10.0  # per single query, for tuning nprobe / efSearch (--max-query-ms)
     kind: str | None = None  # force one of KINDS instead of choosing
     memory_mappable: bool = False  # only kinds a reader can map from disk (no HNSW), as autofaiss's flag
-    opq: bool = True  # rotate before product quantization
+    opq: bool = False  # rotate before product quantization (OPQ); its training costs minutes on 2 cores
     nlist: int | None = None  # override the number of inverted lists
     pq_bytes: int | None = None  # override the code size of ivf_pq
     rerank: int | None = None  # candidates per result re-scored exactly; None: 10 for ivf_pq, else 1 (off)
@@ -127,7 +129,9 @@ class IndexSpec:
         kind = {"ivf": "ivf_flat"}.get(data["type"], data["type"])  # format 1 called IVF-Flat "ivf"
         params = dict(data.get("params", {}))
         if kind == "ivf_flat" and "factory" not in params:
-            params["factory"] = f"IVF{params.get('nlist', 1)}_HNSW{params.get('quantizer', 'HNSW32')[4:]},Flat"
+            params["factory"] = (
+                f"IVF{params.get('nlist', 1)}_HNSW{params.get('quantizer', 'HNSW32')[4:]},Flat"
+            )
         return cls(type=kind, dim=int(data["dim"]), params=params)
 
     @property
@@ -260,6 +264,10 @@ def new_index(spec: IndexSpec, config: VectorIndexConfig):
         ivf.cp.niter = config.kmeans_iterations
         ivf.cp.seed = config.seed
         ivf.cp.max_points_per_centroid = config.train_points_per_list
+        if spec.type == "ivf_pq":
+            # polysemous training (for Hamming-distance filtering, which is not used here) takes
+            # minutes for nothing
+            faiss.downcast_index(ivf).do_polysemous_training = False
     return index
 
 
@@ -317,10 +325,14 @@ def build_index(
             spec.params["train_points"] = int(len(sample_vectors))
             spec.params["train_seconds"] = round(time.perf_counter() - started, 2)
         rng = np.random.default_rng(config.seed)
-        pick = rng.choice(len(sample_ids), size=min(config.calibration_queries, len(sample_ids)), replace=False)
+        pick = rng.choice(
+            len(sample_ids), size=min(config.calibration_queries, len(sample_ids)), replace=False
+        )
         calibration_ids, calibration = sample_ids[pick], np.array(sample_vectors[pick], np.float32)
         del sample_vectors  # the training sample leaves memory before the vectors are added
-    truth = _ExactNeighbours(calibration if calibration is not None else np.zeros((0, dim)), config.calibration_k + 1)
+    truth = _ExactNeighbours(
+        calibration if calibration is not None else np.zeros((0, dim)), config.calibration_k + 1
+    )
     started = time.perf_counter()
     for ids, vectors in chunks():
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -343,11 +355,15 @@ def _search_params(spec: IndexSpec, value: int | None = None, selector=None):
         params._keep = quantizer  # SWIG holds a raw pointer: keep the Python object alive
         return params
     if spec.type == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=int(value or spec.params.get("ef_search", 16)), sel=selector)
+        return faiss.SearchParametersHNSW(
+            efSearch=int(value or spec.params.get("ef_search", 16)), sel=selector
+        )
     return None if selector is None else faiss.SearchParameters(sel=selector)
 
 
-def tune(index, spec: IndexSpec, query_ids, queries, truth: _ExactNeighbours, config: VectorIndexConfig, fetch):
+def tune(
+    index, spec: IndexSpec, query_ids, queries, truth: _ExactNeighbours, config: VectorIndexConfig, fetch
+):
     """Smallest power-of-two nprobe / efSearch reaching the target recall@k within ``max_query_ms``."""
     k = config.calibration_k
     order = np.argsort(-truth.scores, axis=1)
@@ -417,7 +433,9 @@ def _without(row: np.ndarray, own: int) -> list[int]:
 
 def add(index, ids: np.ndarray, vectors: np.ndarray) -> None:
     if len(ids):
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
+        index.add_with_ids(
+            np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, np.int64)
+        )
 
 
 def remove(index, ids: np.ndarray) -> int:
