@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -292,6 +293,7 @@ def main() -> None:
     parser.add_argument("--autofaiss-python", default=None, help="interpreter with autofaiss installed")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     temporary = args.work is None
     args.work = args.work or tempfile.mkdtemp(prefix="polyclip-scale-")
     Path(args.work).mkdir(parents=True, exist_ok=True)

@@ -328,3 +328,25 @@ def test_info_and_refusal_show_the_same_fingerprint(tmp_path, tiny_model_dir, ti
     refused = runner.invoke(app, [*build, "--model", str(other)])
     assert refused.exit_code != 0
     assert f"fingerprint {tiny_encoder.fingerprint}" in str(refused.exception)
+
+
+# -- shards of a torchrun build are searched as one
+def test_rank_shards_merge_into_one_searchable_index(tmp_path):
+    from polyclip.index.build import merge_shard
+
+    data = clustered(600)
+    config = VectorIndexConfig(exact_limit=100, memory_mappable=True)
+    for rank in range(2):  # what each rank writes: its own items and float16 vectors
+        with Index.create(tmp_path / f"rank-{rank}", IDENTITY, config) as shard:
+            shard.add([NewItem(f"/v/{i}", {"image": data[i]}) for i in range(rank, len(data), 2)])
+    with Index.create(tmp_path / "main", IDENTITY, config) as main:
+        for rank in range(2):
+            with Index(tmp_path / f"rank-{rank}") as shard:
+                merge_shard(main, shard)
+        with Index(tmp_path / "rank-1") as shard:
+            assert merge_shard(main, shard) == 0  # a merge run again adds nothing
+        main.save()
+        assert main.spec().type == "ivf_flat" and len(main) == 600
+        hits = main.search(queries(data[[0, 1, 598, 599]]), k=1)
+        assert [row[0].path for row in hits] == ["/v/0", "/v/1", "/v/598", "/v/599"]
+        assert all(row[0].score == pytest.approx(1.0, abs=2e-3) for row in hits)

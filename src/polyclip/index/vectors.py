@@ -33,6 +33,7 @@ Reference implementation: facebookresearch/faiss (IndexIVF.cpp, IndexIVFPQ.cpp, 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -45,6 +46,8 @@ from typing import Any
 import numpy as np
 
 from polyclip.index.errors import IndexStoreError, disk_full_guard
+
+log = logging.getLogger("polyclip.index")
 
 KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
 IVF_KINDS = ("ivf_flat", "ivf_pq")
@@ -311,6 +314,7 @@ def build_index(
     (ids, vectors) for exact re-ranking. Memory: the index, the training sample and one chunk.
     """
     spec = choose_spec(count, dim, config)
+    log.info("building %s (%s) for %d vectors", spec.type, spec.params["factory"], count)
     index = new_index(spec, config)
     spec.params["trained_on"] = int(count)
     calibration_ids = calibration = None
@@ -320,6 +324,7 @@ def build_index(
             wanted = max(wanted, spec.params["nlist"] * config.train_points_per_list)
         sample_ids, sample_vectors = sample(wanted)
         if spec.type in IVF_KINDS:
+            log.info("training on %d sampled vectors", len(sample_vectors))
             started = time.perf_counter()
             index.train(np.ascontiguousarray(sample_vectors, dtype=np.float32))
             spec.params["train_points"] = int(len(sample_vectors))
@@ -330,6 +335,7 @@ def build_index(
         )
         calibration_ids, calibration = sample_ids[pick], np.array(sample_vectors[pick], np.float32)
         del sample_vectors  # the training sample leaves memory before the vectors are added
+    log.info("adding the vectors in chunks")
     truth = _ExactNeighbours(
         calibration if calibration is not None else np.zeros((0, dim)), config.calibration_k + 1
     )
@@ -383,6 +389,7 @@ def tune(
         for query in timing:  # one query at a time: the latency a single request sees
             search_candidates(index, spec, query[None], k, params, fetch)
         ms = 1000 * (time.perf_counter() - started) / max(1, len(timing))
+        log.info("%s=%d: recall@%d %.3f, %.2f ms per query", name, value, k, recall, ms)
         if ms > config.max_query_ms and chosen is not None:
             break  # the previous value was the last within the time budget
         chosen = (value, recall, ms)
