@@ -77,9 +77,9 @@ class ModelIdentity:
         if self.embed_dim != other.embed_dim:
             diffs.append(f"embedding size differs (index: {self.embed_dim}, model: {other.embed_dim})")
         if self.preprocess != other.preprocess:
-            diffs.append(f"preprocessing differs (index: {self.preprocess}, model: {other.preprocess})")
+            diffs.append(f"preprocessing differs ({_changed(self.preprocess, other.preprocess)})")
         if self.tokenizer != other.tokenizer:
-            diffs.append(f"tokenizer differs (index: {self.tokenizer}, model: {other.tokenizer})")
+            diffs.append(f"tokenizer differs ({_changed(self.tokenizer, other.tokenizer)})")
         return diffs
 
     def check_compatible(self, other: ModelIdentity, what: str = "this model") -> None:
@@ -91,3 +91,14 @@ class ModelIdentity:
                 + "; ".join(diffs)
                 + ". Use the index's own model, or build a new index with this one."
             )
+
+
+def _changed(index: dict[str, Any], model: dict[str, Any]) -> str:
+    """'image_size: index 32, model 224; mean: ...' for the keys whose values differ."""
+    keys = sorted(set(index) | set(model), key=str)
+    parts = [
+        f"{key}: index {json.dumps(index.get(key), default=str)}, model {json.dumps(model.get(key), default=str)}"
+        for key in keys
+        if index.get(key) != model.get(key)
+    ]
+    return "; ".join(parts)

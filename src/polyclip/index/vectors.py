@@ -268,9 +268,12 @@ def new_index(spec: IndexSpec, config: VectorIndexConfig):
         ivf.cp.seed = config.seed
         ivf.cp.max_points_per_centroid = config.train_points_per_list
         if spec.type == "ivf_pq":
+            ivfpq = faiss.downcast_index(ivf)
             # polysemous training (for Hamming-distance filtering, which is not used here) takes
             # minutes for nothing
-            faiss.downcast_index(ivf).do_polysemous_training = False
+            ivfpq.do_polysemous_training = False
+            ivfpq.pq.cp.niter = config.kmeans_iterations  # FAISS: 25 per sub-quantizer, the cost of training
+            ivfpq.pq.cp.seed = config.seed
     return index
 
 
