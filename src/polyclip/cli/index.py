@@ -59,13 +59,44 @@ def build(
     device: Device = None,
     dtype: Dtype = None,
     exact_limit: Annotated[
-        int, typer.Option("--exact-limit", min=1, help="collections larger than this get an IVF index")
+        int, typer.Option("--exact-limit", min=1, help="collections up to this size are searched exactly")
     ] = 100_000,
+    max_index_memory: Annotated[
+        str,
+        typer.Option("--max-index-memory", help="RAM budget of the index (4GB, 512MB, ...): picks its kind"),
+    ] = "4GB",
+    max_query_ms: Annotated[
+        float,
+        typer.Option("--max-query-ms", min=0.01, help="per-query time nprobe / efSearch are tuned within"),
+    ] = 10.0,
+    kind: Annotated[
+        str | None,
+        typer.Option("--index-kind", help="force flat, hnsw, ivf_flat or ivf_pq instead of choosing"),
+    ] = None,
+    memory_mappable: Annotated[
+        bool, typer.Option("--memory-mappable", help="only kinds served from disk (no HNSW)")
+    ] = False,
+    rerank: Annotated[
+        int | None,
+        typer.Option(
+            "--rerank", min=1, help="candidates per result re-scored exactly (default: 10 for ivf_pq)"
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Embed images (and captions) into a new index; rerun after an interruption to resume."""
     from polyclip.index import BuildOptions, VectorIndexConfig
     from polyclip.index import build as build_index
+    from polyclip.index.vectors import parse_bytes
+
+    vector_config = VectorIndexConfig(
+        exact_limit=exact_limit,
+        max_memory_bytes=parse_bytes(max_index_memory),
+        max_query_ms=max_query_ms,
+        kind=kind,
+        memory_mappable=memory_mappable,
+        rerank=rerank,
+    )
 
     report = build_index(
         sources or [],
@@ -75,7 +106,7 @@ def build(
         BuildOptions(batch_size, workers, not quiet),
         device=device,
         dtype=None if dtype is None else str(dtype),
-        vector_config=VectorIndexConfig(exact_limit=exact_limit),
+        vector_config=vector_config,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports for all ranks
         _print_report(report, "indexed")
@@ -132,7 +163,7 @@ def info(
         f"model      {model['source']} ({model['dtype']}, {model['embed_dim']}-d, {model['fingerprint']})"
     )
     for space, spec in details["spaces"].items():
-        typer.echo(f"{space:<10} {spec['vectors']} vectors, {spec['type']} {json.dumps(spec['params'])}")
+        typer.echo(f"{space:<10} {spec['vectors']} vectors, {spec['summary']}")
     for path, reason in failures:
         typer.echo(f"unreadable {path}: {reason}")
 

@@ -48,7 +48,11 @@ class ModelIdentity:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of everything that changes the vectors: weights, dimension, preprocessing, tokenizer."""
+        """Hash of everything that changes the vectors: weights, dimension, preprocessing, tokenizer.
+
+        The one model identity shown everywhere: ``index info``, the service's /health, and the
+        refusal of another model by ``index build`` / ``add`` / search.
+        """
         payload = {
             "weights": self.weights_sha256,
             "embed_dim": self.embed_dim,
@@ -69,22 +73,32 @@ class ModelIdentity:
         """Human-readable list of what differs in ``other`` (empty when the fingerprints agree)."""
         diffs = []
         if self.weights_sha256 != other.weights_sha256:
-            diffs.append(
-                f"weights differ (index: {self.weights_sha256[:12]}..., model: {other.weights_sha256[:12]}...)"
-            )
+            diffs.append("weights differ")
         if self.embed_dim != other.embed_dim:
             diffs.append(f"embedding size differs (index: {self.embed_dim}, model: {other.embed_dim})")
         if self.preprocess != other.preprocess:
-            diffs.append(f"preprocessing differs (index: {self.preprocess}, model: {other.preprocess})")
+            diffs.append(f"preprocessing differs ({_changed(self.preprocess, other.preprocess)})")
         if self.tokenizer != other.tokenizer:
-            diffs.append(f"tokenizer differs (index: {self.tokenizer}, model: {other.tokenizer})")
+            diffs.append(f"tokenizer differs ({_changed(self.tokenizer, other.tokenizer)})")
         return diffs
 
     def check_compatible(self, other: ModelIdentity, what: str = "this model") -> None:
         diffs = self.differences(other)
         if diffs:
             raise ModelMismatchError(
-                f"the index was built with {self.source!r} and refuses {what} ({other.source!r}): "
+                f"the index was built with {self.source!r} (fingerprint {self.fingerprint}) and refuses "
+                f"{what} ({other.source!r}, fingerprint {other.fingerprint}): "
                 + "; ".join(diffs)
                 + ". Use the index's own model, or build a new index with this one."
             )
+
+
+def _changed(index: dict[str, Any], model: dict[str, Any]) -> str:
+    """'image_size: index 32, model 224; mean: ...' for the keys whose values differ."""
+    keys = sorted(set(index) | set(model), key=str)
+    parts = [
+        f"{key}: index {json.dumps(index.get(key), default=str)}, model {json.dumps(model.get(key), default=str)}"
+        for key in keys
+        if index.get(key) != model.get(key)
+    ]
+    return "; ".join(parts)

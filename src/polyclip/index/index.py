@@ -2,15 +2,23 @@
 
 Layout of the folder:
   index.json        format version, the model identity (source, weights fingerprint, preprocessing,
-                    tokenizer, dtype), and per space the FAISS index type, its parameters and the
-                    change sequence number it was saved at
-  vectors.faiss     image vectors;  captions.faiss: caption vectors (when captions were given)
-  metadata.sqlite   items, their vectors, the change log (see `store`)
+                    tokenizer, dtype), the index configuration (memory budget, query time), and per
+                    space the FAISS index kind, its parameters and the change sequence number it was
+                    saved at
+  vectors/          the raw vectors, once: float16 .npy shards per space (see `vector_store`)
+  vectors.faiss     image index;  captions.faiss: caption index (when captions were given)
+  metadata.sqlite   items, the store row of each vector, the change log (see `store`)
   write.lock        held by the one process allowed to write
 
-SQLite is the source of truth and every write is one transaction. The FAISS files are derived: each
-records the change number it reflects, and opening replays the changes after it (or rebuilds from
-SQLite if a file is missing). So a process killed at any moment, including while saving, loses no
+SQLite and the vector store are the source of truth and every write is one transaction. The FAISS
+files are derived: each records the change number it reflects, and opening replays the changes after
+it (or rebuilds from the stored vectors if a file is missing). A writer holds its FAISS indexes in
+RAM; a reader maps IVF indexes from disk (FAISS ``IO_FLAG_MMAP``), so an index larger than RAM answers
+queries, and keeps the changes replayed since the file was saved beside it: added vectors in a small
+exact index whose results are merged by score, removed ones masked.
+
+Format 1 (vectors as float32 blobs in SQLite) is migrated on open: the blobs move to the vector store
+and the database is vacuumed. So a process killed at any moment, including while saving, loses no
 committed item and never duplicates one. A reader (the service) replays the changes other processes
 commit, so items added with `polyclip index add` become searchable without a restart.
 """
@@ -31,12 +39,14 @@ import numpy as np
 
 from polyclip.index import vectors as vector_ops
 from polyclip.index.encoder import QueryEmbeddings
-from polyclip.index.errors import IndexBusyError, IndexStoreError, ModelMismatchError
+from polyclip.index.errors import IndexBusyError, IndexStoreError, ModelMismatchError, disk_full_guard
 from polyclip.index.identity import ModelIdentity
 from polyclip.index.store import SPACES, ItemRecord, MetadataStore, NewItem
+from polyclip.index.vector_store import STORE_FOLDER, VectorStore
 from polyclip.index.vectors import IndexSpec, VectorIndexConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: vectors in SQLite, migrated on open
 INDEX_JSON = "index.json"
 METADATA_FILE = "metadata.sqlite"
 LOCK_FILE = "write.lock"
@@ -69,7 +79,23 @@ class SearchHit:
 class _LoadedSpace:
     index: Any  # a FAISS index
     spec: IndexSpec
-    applied_seq: int  # every change up to this sequence number is in `index`
+    applied_seq: int  # every change up to this sequence number is in `index` (or delta / hidden)
+    mapped: bool = False  # read from a memory-mapped file: never modified
+    delta: Any = None  # IDMap2(Flat) of vectors added since the file, when `index` cannot take them
+    hidden: set[int] = field(default_factory=set)  # ids removed from `index` that it cannot delete
+
+    @property
+    def can_add(self) -> bool:
+        return not self.mapped
+
+    @property
+    def can_remove(self) -> bool:
+        return not self.mapped and self.spec.type != "hnsw"
+
+    @property
+    def count(self) -> int:
+        extra = int(self.delta.ntotal) if self.delta is not None else 0
+        return int(self.index.ntotal) + extra - len(self.hidden)
 
 
 class Index:
@@ -86,10 +112,14 @@ class Index:
             )
         self._manifest = _read_manifest(manifest_path)
         self.identity = ModelIdentity.from_dict(self._manifest["model"])
-        self.config = config or VectorIndexConfig(**self._manifest.get("vector_config", {}))
+        self.config = config or VectorIndexConfig.from_dict(self._manifest.get("vector_config", {}))
         self.writable = writable
         self._lock_handle = self._acquire_write_lock() if writable else None
-        self.store = MetadataStore(self.folder / METADATA_FILE, readonly=not writable)
+        dim = self.identity.embed_dim
+        self.vectors = {space: VectorStore(self.folder / STORE_FOLDER, space, dim) for space in SPACES}
+        if self._manifest["format_version"] != FORMAT_VERSION:
+            self._migrate()
+        self.store = MetadataStore(self.folder / METADATA_FILE, self.vectors, readonly=not writable)
         self._spaces: dict[str, _LoadedSpace] = {}
         self._lock = ReadWriteLock()  # FAISS objects: concurrent searches, exclusive replays and saves
 
@@ -116,6 +146,28 @@ class Index:
         _write_json_atomic(folder / INDEX_JSON, manifest)
         return cls(folder, writable=True, config=config)
 
+    def _migrate(self) -> None:
+        """Format 1 -> 2: vectors from SQLite blobs into the float16 store, under the write lock."""
+        handle = self._lock_handle or self._acquire_write_lock()
+        try:
+            store = MetadataStore(self.folder / METADATA_FILE, self.vectors)
+            with disk_full_guard(self.folder / STORE_FOLDER):
+                store.migrate_blob_vectors()
+            store.close()
+            spaces = {
+                space: {
+                    **IndexSpec.from_dict(entry).to_dict(),
+                    **{k: v for k, v in entry.items() if k not in ("type", "dim", "params")},
+                }
+                for space, entry in self._manifest["spaces"].items()
+            }
+            self._manifest = {**self._manifest, "format_version": FORMAT_VERSION, "spaces": spaces}
+            _write_json_atomic(self.folder / INDEX_JSON, self._manifest)
+        finally:
+            if handle is not self._lock_handle:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+
     def _acquire_write_lock(self):
         handle = open(self.folder / LOCK_FILE, "a+")
         try:
@@ -130,6 +182,8 @@ class Index:
 
     def close(self) -> None:
         self.store.close()
+        for store in self.vectors.values():
+            store.close()
         if self._lock_handle is not None:
             fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
             self._lock_handle.close()
@@ -156,7 +210,7 @@ class Index:
         """Vectors searchable in ``space`` (from memory once loaded: no table scan)."""
         with self._lock.write():
             if space in self._spaces:
-                return int(self._loaded(space).index.ntotal)
+                return self._loaded(space).count
         return self.store.count_vectors(space)
 
     def spec(self, space: str = "image") -> IndexSpec:
@@ -174,7 +228,13 @@ class Index:
                     self._manifest["spaces"].get(space, {"type": "flat", "dim": self.identity.embed_dim})
                 )
             )
-            spaces[space] = {"vectors": self.store.count_vectors(space), **spec.to_dict()}
+            spaces[space] = {
+                "vectors": self.store.count_vectors(space),
+                **spec.to_dict(),
+                "summary": spec.describe(),
+                "vector_store_bytes": self.vectors[space].disk_bytes(),
+                "index_file_bytes": _file_size(self.folder / FAISS_FILES[space]),
+            }
         return {
             "folder": str(self.folder),
             "items": len(self),
@@ -203,7 +263,8 @@ class Index:
                         f"{item.path}: {space} vector of shape {np.shape(vector)}, the index holds "
                         f"{self.identity.embed_dim}-d vectors of {self.identity.source!r}"
                     )
-        ids = self.store.add_items(items, failures)
+        with disk_full_guard(self.folder / METADATA_FILE):
+            ids = self.store.add_items(items, failures)
         self.refresh()
         return ids
 
@@ -215,7 +276,8 @@ class Index:
         if missing:
             shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
             raise IndexStoreError(f"no item with id {shown} in {self.folder}; nothing was removed")
-        self.store.remove_items(ids)
+        with disk_full_guard(self.folder / METADATA_FILE):
+            self.store.remove_items(ids)
         self.refresh()
 
     def save(self) -> None:
@@ -226,7 +288,12 @@ class Index:
             for space in self.spaces:
                 loaded = self._loaded(space)
                 count = self.store.count_vectors(space)
-                if vector_ops.needs_rebuild(loaded.spec, count, self.config):
+                # masked or side-lined vectors (HNSW removals) are folded in by a rebuild
+                if (
+                    vector_ops.needs_rebuild(loaded.spec, count, self.config)
+                    or loaded.hidden
+                    or loaded.delta is not None
+                ):
                     loaded = self._spaces[space] = self._rebuild(space)
                 vector_ops.write_atomic(loaded.index, self.folder / FAISS_FILES[space])
                 spaces_manifest[space] = {
@@ -236,8 +303,13 @@ class Index:
                     "count": int(loaded.index.ntotal),
                 }
             # the FAISS files are in place before the manifest names their sequence numbers
-            self._manifest = {**self._manifest, "spaces": spaces_manifest}
-            _write_json_atomic(self.folder / INDEX_JSON, self._manifest)
+            self._manifest = {
+                **self._manifest,
+                "spaces": spaces_manifest,
+                "vector_config": asdict(self.config),
+            }
+            with disk_full_guard(self.folder / INDEX_JSON):
+                _write_json_atomic(self.folder / INDEX_JSON, self._manifest)
             # and only then is the log they reflect dropped: opening never needs it again
             if spaces_manifest:
                 self.store.compact_changes(min(int(s["applied_seq"]) for s in spaces_manifest.values()))
@@ -262,14 +334,17 @@ class Index:
         path = self.folder / FAISS_FILES[space]
         if recorded and path.is_file():
             spec = IndexSpec.from_dict(recorded)
+            mapped = not self.writable and spec.type in vector_ops.IVF_KINDS
             try:
-                return _LoadedSpace(vector_ops.read(path, spec), spec, int(recorded["applied_seq"]))
+                index = vector_ops.read(path, spec, mmap=mapped)
+                return _LoadedSpace(index, spec, int(recorded["applied_seq"]), mapped=mapped)
             except IndexStoreError:
                 pass  # unreadable: rebuilt from SQLite below, nothing is lost
         return self._rebuild(space)
 
     def _rebuild(self, space: str) -> _LoadedSpace:
-        """The whole space from SQLite, read in one snapshot so the sequence number matches exactly."""
+        """The whole space from the stored vectors, streamed in one SQLite snapshot so the sequence
+        number matches exactly: trained on a sample, then added chunk by chunk."""
         dim = self.identity.embed_dim
         with self.store.snapshot():
             applied = self.store.last_change()
@@ -280,8 +355,13 @@ class Index:
                 sample=lambda n: self.store.sample_vectors(space, n, dim, self.config.seed),
                 chunks=lambda: self.store.iter_vectors(space, dim),
                 config=self.config,
+                fetch=self._fetcher(space),
             )
         return _LoadedSpace(index, spec, applied)
+
+    def _fetcher(self, space: str):
+        dim = self.identity.embed_dim
+        return lambda ids: self.store.get_vectors(space, np.asarray(ids).tolist(), dim)
 
     def _catch_up(self, space: str, loaded: _LoadedSpace, reloaded: bool = False) -> None:
         """Replay the changes committed after ``loaded.applied_seq`` (by this or another process).
@@ -300,17 +380,28 @@ class Index:
             if self.store.changes_since(space, fresh.applied_seq) is None:
                 fresh = self._rebuild(space)  # a file older than the kept log: rebuilt from SQLite
             loaded.index, loaded.spec, loaded.applied_seq = fresh.index, fresh.spec, fresh.applied_seq
+            loaded.mapped, loaded.delta, loaded.hidden = fresh.mapped, fresh.delta, fresh.hidden
             self._catch_up(space, loaded, reloaded=True)
             return
         last, changes = found
         removed = {item for item, op in changes if op == "remove"}
         added = sorted({item for item, op in changes if op == "add"})
-        vector_ops.remove(
-            loaded.index, np.array(sorted(removed | set(added) if reloaded else removed), np.int64)
-        )
+        # after a reload, an added item may already be in the file: replaced, never held twice
+        gone = np.array(sorted(removed | set(added) if reloaded else removed), np.int64)
+        if loaded.can_remove:
+            vector_ops.remove(loaded.index, gone)
+        else:
+            loaded.hidden.update(gone.tolist())
+        if loaded.delta is not None:
+            vector_ops.remove(loaded.delta, gone)
         # an item added and removed again since the last replay has no vector left: not re-added
         ids, vectors = self.store.get_vectors(space, added, self.identity.embed_dim)
-        vector_ops.add(loaded.index, ids, vectors)
+        if loaded.can_add and not (reloaded and not loaded.can_remove):
+            vector_ops.add(loaded.index, ids, vectors)
+        elif len(ids):
+            if loaded.delta is None:
+                loaded.delta, _ = vector_ops.new_flat(self.identity.embed_dim)
+            vector_ops.add(loaded.delta, ids, vectors)
         loaded.applied_seq = last
 
     def refresh(self) -> None:
@@ -326,8 +417,13 @@ class Index:
         k: int = 10,
         filter: dict[str, Any] | None = None,
         space: str = "image",
+        rerank: int | None = None,
     ) -> list[list[SearchHit]]:
-        """Top-``k`` items per query by cosine similarity, optionally restricted by a metadata filter."""
+        """Top-``k`` items per query by cosine similarity, optionally restricted by a metadata filter.
+
+        ``rerank``: re-score ``rerank * k`` candidates exactly from the stored vectors (default: what
+        the index kind recorded, 10 for IVF-PQ; 1 turns it off).
+        """
         if queries.model_fingerprint != self.identity.fingerprint:
             raise ModelMismatchError(
                 f"the queries were encoded by another model (fingerprint {queries.model_fingerprint}) than "
@@ -349,8 +445,7 @@ class Index:
         with self._lock.read():  # FAISS searches may run in parallel, never during a change
             small_filter = allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT
             if not (small_filter and loaded.spec.type != "flat"):
-                k_eff = min(k, max(1, int(loaded.index.ntotal)))
-                scores, ids = vector_ops.search(loaded.index, loaded.spec, queries.vectors, k_eff, allowed)
+                scores, ids = self._search_loaded(space, loaded, queries.vectors, k, allowed, rerank)
         if small_filter and loaded.spec.type != "flat":
             scores, ids = self._exact_among(space, queries.vectors, k, allowed)
         records = self.store.get_items({int(i) for row in ids for i in row if i >= 0})
@@ -362,6 +457,29 @@ class Index:
             ]
             for row_scores, row_ids in zip(scores, ids)
         ]
+
+    def _search_loaded(self, space, loaded: _LoadedSpace, queries, k, allowed, rerank):
+        """The saved index (masking what it cannot delete) and the replayed additions, merged by score."""
+        fetch = self._fetcher(space)
+        hidden = np.fromiter(loaded.hidden, np.int64, len(loaded.hidden)) if loaded.hidden else None
+        k_main = min(k, max(1, int(loaded.index.ntotal)))
+        scores, ids = vector_ops.search(
+            loaded.index, loaded.spec, queries, k_main, allowed, hidden, fetch, rerank
+        )
+        if loaded.delta is not None and loaded.delta.ntotal:
+            extra_scores, extra_ids = vector_ops.search(
+                loaded.delta,
+                IndexSpec("flat", loaded.spec.dim),
+                queries,
+                min(k, int(loaded.delta.ntotal)),
+                allowed,
+            )
+            scores = np.concatenate([scores, extra_scores], axis=1)
+            ids = np.concatenate([ids, extra_ids], axis=1)
+            scores = np.where(ids >= 0, scores, -np.inf)
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            scores, ids = np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        return scores, ids
 
     def _exact_among(self, space: str, queries: np.ndarray, k: int, allowed: np.ndarray):
         ids, vectors = self.store.get_vectors(space, allowed.tolist(), self.identity.embed_dim)
@@ -437,11 +555,17 @@ def open_index(folder: str | Path, writable: bool = False) -> Index:
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     manifest = json.loads(path.read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMATS:
         raise IndexStoreError(
-            f"{path}: format_version {manifest.get('format_version')!r}, this polyclip reads {FORMAT_VERSION}"
+            f"{path}: format_version {manifest.get('format_version')!r}; this polyclip reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}. Rebuild the index with 'polyclip index build' "
+            "(into a new folder) using the polyclip that reads it, or the model it names"
         )
     return manifest
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else 0
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:

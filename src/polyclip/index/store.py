@@ -1,13 +1,14 @@
-"""SQLite store: the index's source of truth for items, their vectors and the log of changes.
+"""SQLite store: the index's source of truth for items, which vector rows they own, and the change log.
 
 Tables:
   items     id INTEGER PRIMARY KEY AUTOINCREMENT (ids are never reused), path UNIQUE, caption,
             metadata (JSON object), added_at (unix time)
-  vectors   (space, item_id) -> float32 vector; space is "image" or "caption"
+  vectors   (space, item_id) -> row of the space's float16 `VectorStore`; space is "image" or
+            "caption". The vectors themselves live once, in the store's .npy shards, not here.
   changes   append-only log (seq, space, item_id, op) of every vector added or removed; a FAISS index
             saved at seq S is brought up to date by replaying the changes after S
   failures  files that could not be decoded, with the reason (retried on the next build)
-  info      key/value pairs
+  info      key/value pairs (``next_row:<space>``: the first row of the vector store not yet owned)
 
 Every write is one transaction, so a process killed at any moment leaves either all or none of a
 batch. The database runs in WAL mode: a service reading it is never blocked by a build writing it.
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from polyclip.index.errors import IndexStoreError
+from polyclip.index.vector_store import VectorStore
 
 SPACES = ("image", "caption")
 
@@ -44,7 +46,7 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE TABLE IF NOT EXISTS vectors (
     space TEXT NOT NULL,
     item_id INTEGER NOT NULL REFERENCES items(id) ON DELETE CASCADE,
-    vector BLOB NOT NULL,
+    row INTEGER NOT NULL,
     UNIQUE (space, item_id)
 );
 CREATE TABLE IF NOT EXISTS changes (
@@ -89,16 +91,69 @@ def _chunks(values: Sequence, size: int = SQL_CHUNK) -> Iterator[Sequence]:
 
 
 class MetadataStore:
-    def __init__(self, path: str | Path, readonly: bool = False) -> None:
+    def __init__(self, path: str | Path, vectors: dict[str, VectorStore], readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self.vectors = vectors  # space -> its float16 row store
         self._local = threading.local()
         self._write_lock = threading.Lock()  # one writer per process; SQLite serialises processes
         if not readonly:
             with self._connection() as db:
+                if not self.has_row_schema(db):  # a blob table of an older index: migrated first
+                    return
                 db.executescript(SCHEMA)
         elif not self.path.is_file():
             raise IndexStoreError(f"{self.path} does not exist")
+
+    def has_row_schema(self, db: sqlite3.Connection | None = None) -> bool:
+        """False for a store written by polyclip before vectors moved out of SQLite (format 1)."""
+        db = db or self._connection()
+        columns = [row[1] for row in db.execute("PRAGMA table_info(vectors)")]
+        return not columns or "row" in columns
+
+    def migrate_blob_vectors(self, chunk_rows: int = 65_536) -> int:
+        """Move format-1 float32 blobs into the vector stores, in one transaction; returns the rows moved.
+
+        Killed midway, the transaction rolls back and the rows written to the stores are reused by
+        the next attempt. Afterwards the database is vacuumed, so the float32 copy leaves the disk.
+        """
+        moved = 0
+        with self._transaction() as db:
+            if self.has_row_schema(db):
+                return 0
+            db.execute(
+                "CREATE TABLE vectors_rows (space TEXT NOT NULL, item_id INTEGER NOT NULL "
+                "REFERENCES items(id) ON DELETE CASCADE, row INTEGER NOT NULL, UNIQUE (space, item_id))"
+            )
+            for space, store in self.vectors.items():
+                last_id, next_row = -1, 0
+                while True:
+                    rows = db.execute(
+                        "SELECT item_id, vector FROM vectors WHERE space = ? AND item_id > ? "
+                        "ORDER BY item_id LIMIT ?",
+                        (space, last_id, chunk_rows),
+                    ).fetchall()
+                    if not rows:
+                        break
+                    last_id = rows[-1][0]
+                    blob = b"".join(row[1] for row in rows)
+                    store.write(next_row, np.frombuffer(blob, "<f4").reshape(len(rows), store.dim))
+                    db.executemany(
+                        "INSERT INTO vectors_rows (space, item_id, row) VALUES (?, ?, ?)",
+                        [(space, row[0], next_row + i) for i, row in enumerate(rows)],
+                    )
+                    next_row += len(rows)
+                    moved += len(rows)
+                db.execute(
+                    "INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)",
+                    (f"next_row:{space}", str(next_row)),
+                )
+            db.execute("DROP TABLE vectors")
+            db.execute("ALTER TABLE vectors_rows RENAME TO vectors")
+        with self._connection() as db:
+            db.executescript(SCHEMA)
+        self._connection().execute("VACUUM")
+        return moved
 
     # -- connections
     def _connection(self) -> sqlite3.Connection:
@@ -164,37 +219,65 @@ class MetadataStore:
     ) -> list[int | None]:
         """Insert items and their vectors in one transaction; an already indexed path is left as it is.
 
-        Returns the new id of each item, None for a path that was already there. ``failures`` (path,
-        reason) are recorded in the same transaction; a path that now succeeds loses its failure row.
+        Returns the new id of each item, None for a path that was already there (or given twice).
+        Vectors are written to the stores and flushed before the transaction that names their rows
+        commits. ``failures`` (path, reason) are recorded in the same transaction; a path that now
+        succeeds loses its failure row.
         """
         now = time.time()
-        ids: list[int | None] = []
         with self._transaction() as db:
+            present = self._existing_paths(db, [item.path for item in items])
+            new_items: list[NewItem] = []
             for item in items:
-                cursor = db.execute(
-                    "INSERT OR IGNORE INTO items (path, caption, metadata, added_at) VALUES (?, ?, ?, ?)",
-                    (item.path, item.caption, json.dumps(item.metadata, sort_keys=True), now),
-                )
-                if cursor.rowcount == 0:
-                    ids.append(None)
+                if item.path not in present:
+                    present.add(item.path)
+                    new_items.append(item)
+            before = int(db.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()[0])
+            db.executemany(
+                "INSERT INTO items (path, caption, metadata, added_at) VALUES (?, ?, ?, ?)",
+                [(i.path, i.caption, json.dumps(i.metadata, sort_keys=True), now) for i in new_items],
+            )
+            # ids are assigned in insertion order under this exclusive transaction
+            new_ids = [
+                row[0] for row in db.execute("SELECT id FROM items WHERE id > ? ORDER BY id", (before,))
+            ]
+            assert len(new_ids) == len(new_items)
+            by_path = {item.path: item_id for item, item_id in zip(new_items, new_ids)}
+            for space in SPACES:
+                owners = [
+                    (item_id, item.vectors[space])
+                    for item, item_id in zip(new_items, new_ids)
+                    if space in item.vectors
+                ]
+                if not owners:
                     continue
-                item_id = cursor.lastrowid
-                ids.append(item_id)
-                for space, vector in item.vectors.items():
-                    blob = np.ascontiguousarray(vector, dtype="<f4").tobytes()
-                    db.execute(
-                        "INSERT INTO vectors (space, item_id, vector) VALUES (?, ?, ?)",
-                        (space, item_id, blob),
-                    )
-                    db.execute(
-                        "INSERT INTO changes (space, item_id, op) VALUES (?, ?, 'add')", (space, item_id)
-                    )
-                db.execute("DELETE FROM failures WHERE path = ?", (item.path,))
+                first = self._next_row(db, space)
+                self.vectors[space].write(first, np.stack([vector for _, vector in owners]))
+                db.executemany(
+                    "INSERT INTO vectors (space, item_id, row) VALUES (?, ?, ?)",
+                    [(space, item_id, first + n) for n, (item_id, _) in enumerate(owners)],
+                )
+                db.executemany(
+                    "INSERT INTO changes (space, item_id, op) VALUES (?, ?, 'add')",
+                    [(space, item_id) for item_id, _ in owners],
+                )
+                db.execute(
+                    "INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)",
+                    (f"next_row:{space}", str(first + len(owners))),
+                )
+            db.executemany("DELETE FROM failures WHERE path = ?", [(i.path,) for i in new_items])
             db.executemany(
                 "INSERT OR REPLACE INTO failures (path, reason, failed_at) VALUES (?, ?, ?)",
                 [(path, reason, now) for path, reason in failures],
             )
+        ids: list[int | None] = []
+        for item in items:
+            ids.append(by_path.pop(item.path, None))  # a path given twice gets its id once
         return ids
+
+    def _next_row(self, db: sqlite3.Connection, space: str) -> int:
+        row = db.execute("SELECT value FROM info WHERE key = ?", (f"next_row:{space}",)).fetchone()
+        return 0 if row is None else int(row[0])
 
     def remove_items(self, ids: Sequence[int]) -> None:
         """Delete items and their vectors, logging the removals, in one transaction."""
@@ -259,7 +342,9 @@ class MetadataStore:
         return deleted
 
     def existing_paths(self, paths: Sequence[str]) -> set[str]:
-        db = self._connection()
+        return self._existing_paths(self._connection(), paths)
+
+    def _existing_paths(self, db: sqlite3.Connection, paths: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for chunk in _chunks(list(paths)):
             marks = ",".join("?" * len(chunk))
@@ -290,16 +375,20 @@ class MetadataStore:
     def get_vectors(self, space: str, ids: Sequence[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N,) int64, vectors (N, dim) float32) of those ``ids`` that have a vector in ``space``."""
         db = self._connection()
-        found_ids, blobs = [], []
+        found: list[tuple[int, int]] = []
         for chunk in _chunks(list(ids)):
             marks = ",".join("?" * len(chunk))
-            for item_id, blob in db.execute(
-                f"SELECT item_id, vector FROM vectors WHERE space = ? AND item_id IN ({marks})",
+            found += db.execute(
+                f"SELECT item_id, row FROM vectors WHERE space = ? AND item_id IN ({marks})",
                 (space, *chunk),
-            ):
-                found_ids.append(item_id)
-                blobs.append(blob)
-        return _to_arrays(found_ids, blobs, dim)
+            ).fetchall()
+        return self._read(space, found, dim)
+
+    def _read(self, space: str, pairs: list[tuple[int, int]], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        if not pairs:
+            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        pairs_array = np.asarray(pairs, np.int64)  # (N, 2): item id, row
+        return pairs_array[:, 0].copy(), self.vectors[space].read(pairs_array[:, 1])
 
     def iter_vectors(
         self, space: str, dim: int, chunk_rows: int = 65_536
@@ -309,28 +398,49 @@ class MetadataStore:
         last_id = -1
         while True:
             rows = db.execute(
-                "SELECT item_id, vector FROM vectors WHERE space = ? AND item_id > ? ORDER BY item_id LIMIT ?",
+                "SELECT item_id, row FROM vectors WHERE space = ? AND item_id > ? ORDER BY item_id LIMIT ?",
                 (space, last_id, chunk_rows),
             ).fetchall()
             if not rows:
                 return
             last_id = rows[-1][0]
-            yield _to_arrays([r[0] for r in rows], [r[1] for r in rows], dim)
+            yield self._read(space, rows, dim)
 
     def sample_vectors(self, space: str, n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """A seeded uniform sample of ``n`` vectors of ``space`` (for training and calibrating IVF)."""
-        db = self._connection()
-        all_ids = np.array(
-            [row[0] for row in db.execute("SELECT item_id FROM vectors WHERE space = ?", (space,))], np.int64
-        )
+        """A seeded uniform sample of ``n`` vectors of ``space`` (for training and calibrating IVF).
+
+        The mapping is scanned in chunks and only the chosen rows are kept, so memory stays at the
+        sample's size whatever the collection's.
+        """
+        total = self.count_vectors(space)
         rng = np.random.default_rng(seed)
-        chosen = rng.choice(all_ids, size=min(n, len(all_ids)), replace=False) if len(all_ids) else all_ids
-        ids, vectors = self.get_vectors(space, np.sort(chosen).tolist(), dim)
-        return ids, vectors
+        chosen = (
+            np.sort(rng.choice(total, size=min(n, total), replace=False)) if total else np.zeros(0, np.int64)
+        )
+        picked: list[np.ndarray] = []
+        position = 0
+        cursor = self._connection().execute(
+            "SELECT item_id, row FROM vectors WHERE space = ? ORDER BY item_id", (space,)
+        )
+        while True:
+            rows = cursor.fetchmany(65_536)
+            if not rows:
+                break
+            lo, hi = np.searchsorted(chosen, [position, position + len(rows)])
+            if hi > lo:
+                picked.append(np.asarray(rows, np.int64)[chosen[lo:hi] - position])
+            position += len(rows)
+        if not picked:
+            return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
+        pairs = np.concatenate(picked)
+        return pairs[:, 0].copy(), self.vectors[space].read(pairs[:, 1])
 
     def all_ids(self, space: str) -> np.ndarray:
-        rows = self._connection().execute("SELECT item_id FROM vectors WHERE space = ?", (space,))
-        return np.array([row[0] for row in rows], np.int64)
+        cursor = self._connection().execute("SELECT item_id FROM vectors WHERE space = ?", (space,))
+        parts = []
+        while rows := cursor.fetchmany(65_536):
+            parts.append(np.asarray(rows, np.int64).reshape(-1))
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
     def failures(self) -> list[tuple[str, str]]:
         return [
@@ -416,10 +526,3 @@ def compile_filter(conditions: dict[str, Any]) -> tuple[str, list[Any]]:
 
 def _is_int64(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
-
-
-def _to_arrays(ids: list[int], blobs: list[bytes], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    if not ids:
-        return np.zeros(0, np.int64), np.zeros((0, dim), np.float32)
-    vectors = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(ids), dim)
-    return np.asarray(ids, np.int64), vectors.astype(np.float32, copy=True)
