@@ -140,13 +140,13 @@ def hf_clip(act: str = "quick_gelu", eos_token_id: int = VOCAB - 1, vision_width
     return model
 
 
-def hf_siglip(act: str = "gelu_pytorch_tanh", seed: int = 0):
+def hf_siglip(act: str = "gelu_pytorch_tanh", seed: int = 0, image_size: int = 32, patch_size: int = 8):
     common = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act=act
     )
     config = transformers.SiglipConfig(
         text_config=dict(vocab_size=VOCAB, max_position_embeddings=16, **common),
-        vision_config=dict(image_size=32, patch_size=8, **common),
+        vision_config=dict(image_size=image_size, patch_size=patch_size, **common),
     )
     torch.manual_seed(seed)
     model = randomize_(transformers.SiglipModel(config), seed).eval()
@@ -319,6 +319,16 @@ def test_hf_siglip_matches_transformers(tmp_path):
     ours = load(tmp_path)
     assert ours.logit_bias is not None
     assert_matches_hf(ours, reference, pixels(32), siglip_token_ids(16))
+
+
+def test_hf_siglip_whose_image_is_not_a_whole_number_of_patches(tmp_path):
+    # as google/siglip-so400m-patch14-384 (27 x 27 patches of 14 over 384 px): the strided patch
+    # convolution leaves out the last rows and columns
+    reference = hf_siglip(image_size=30, patch_size=7)
+    reference.save_pretrained(tmp_path)
+    ours = load(tmp_path)
+    assert ours.config.vision.grid_size == 4
+    assert_matches_hf(ours, reference, pixels(30), siglip_token_ids(16))
 
 
 # ---------------------------------------------------------------------------------------------------------

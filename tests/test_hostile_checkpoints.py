@@ -191,7 +191,7 @@ def edit_json(path: Path, tower: str | None, **changes) -> None:
         ("vision_config", {"hidden_size": -5}, "vision.width must be between 1"),
         ("vision_config", {"hidden_size": "abc"}, "vision.width must be an integer, got 'abc'"),
         ("vision_config", {"patch_size": 0}, "vision.patch_size must be between 1"),
-        ("vision_config", {"image_size": 30}, "not a multiple of patch_size"),
+        ("vision_config", {"image_size": 3}, "smaller than patch_size"),
         ("text_config", {"num_attention_heads": 5}, "not divisible by its 5 heads"),
         ("text_config", {"layer_norm_eps": -1.0}, "text.norm_eps must be a finite number"),
         (

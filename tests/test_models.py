@@ -213,8 +213,11 @@ def test_unknown_config_keys_are_rejected():
         DualEncoderConfig.from_dict({**data, "text": {**data["text"], "rope": True}})
     with pytest.raises(ConfigError, match="unknown architecture 'ViT-Q-99'"):
         create_model("ViT-Q-99")
+    with pytest.raises(ConfigError, match="smaller than patch_size"):
+        VisionConfig(image_size=6, patch_size=8)
     with pytest.raises(ConfigError, match="multiple of patch_size"):
-        VisionConfig(image_size=30, patch_size=8)
+        VisionConfig(kind="naflex", image_size=30, patch_size=8, pool="map", class_token=False, pre_norm=False)
+    assert VisionConfig(image_size=30, patch_size=8).grid_size == 3  # the convolution drops 6 px
 
 
 @pytest.mark.parametrize(("name", "expected"), [("ViT-B-32", 151_277_313), ("RN50", 102_007_137)])

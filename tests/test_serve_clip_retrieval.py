@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import free_port
 from test_index_support import make_images, tiny_encoder, tiny_model_dir, write_captions  # noqa: F401
 
 pytest.importorskip("faiss")
@@ -48,12 +48,6 @@ from polyclip.index.build import collect_inputs  # noqa: E402
 from polyclip.serve import ServeConfig, create_app  # noqa: E402
 
 MAX_K = 20
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import io
 import os
-import socket
 import tarfile
 import tempfile
 import time
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from polyclip.tokenizers import ClipTokenizer
 from polyclip.train.augment import build_train_augmentation
 from polyclip.train.config import AugmentConfig, TrainConfigError
@@ -145,18 +145,12 @@ def _worker(rank: int, port: int, folder: str) -> None:
     os._exit(0)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @functools.cache
 def run_world() -> dict:
     folder = Path(tempfile.mkdtemp(prefix="polyclip-shards-"))
     for name, (sizes, _, _) in CASES.items():
         write_sized_shards(folder / name, sizes)
-    context = mp.spawn(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, join=False)
+    context = mp.spawn(_worker, args=(free_port(), str(folder)), nprocs=WORLD, join=False)
     for process in context.processes:
         process.join(120)
     return torch.load(folder / "rank0.pt")

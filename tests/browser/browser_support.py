@@ -5,7 +5,6 @@ indexed with the tiny model, and `polyclip serve` run as a real subprocess."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared helpers live in tests/
+from conftest import free_port  # noqa: E402
 from test_index_support import make_shapes, tiny_encoder, tiny_model_dir, write_captions  # noqa: E402, F401
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -37,12 +37,6 @@ BROWSER = [
         reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)",
     ),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

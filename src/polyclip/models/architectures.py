@@ -162,7 +162,8 @@ SIGLIP2_ARCHITECTURES = {
     "ViT-L-16-SigLIP2-512": ("L", 16, 512), "ViT-SO400M-14-SigLIP2": ("SO400M", 14, 224),
     "ViT-SO400M-16-SigLIP2-256": ("SO400M", 16, 256), "ViT-SO400M-16-SigLIP2-384": ("SO400M", 16, 384),
     "ViT-SO400M-16-SigLIP2-512": ("SO400M", 16, 512), "ViT-gopt-16-SigLIP2-256": ("gopt", 16, 256),
-    "ViT-gopt-16-SigLIP2-384": ("gopt", 16, 384),
+    "ViT-gopt-16-SigLIP2-384": ("gopt", 16, 384), "ViT-SO400M-14-SigLIP2-384": ("SO400M", 14, 384),
+    "ViT-SO400M-14-SigLIP2-378": ("SO400M", 14, 378),
 }  # fmt: skip
 SIGLIP2_NAFLEX_ARCHITECTURES = {"ViT-B-16-SigLIP2-naflex": "B", "ViT-SO400M-16-SigLIP2-naflex": "SO400M"}
 for _name, (_size, _patch, _image) in SIGLIP2_ARCHITECTURES.items():
@@ -201,6 +202,9 @@ register_architecture("ViT-B-16-SigLIP")(lambda: _siglip(image_size=224, **_SIGL
 register_architecture("ViT-B-16-SigLIP-gelu")(lambda: _siglip(image_size=224, **_SIGLIP_B, act="gelu"))
 register_architecture("ViT-L-16-SigLIP-256")(lambda: _siglip(
     image_size=256, patch_size=16, width=1024, layers=24, heads=16, mlp_dim=4096))
+# the shape-optimised 400M tower (Alabdulmohsin et al. 2023); patches of 14 over 384 px: a 27 x 27 grid
+register_architecture("ViT-SO400M-14-SigLIP-384")(lambda: _siglip(
+    image_size=384, patch_size=14, width=1152, layers=27, heads=16, mlp_dim=4304))
 # Tiny configurations for tests and the offline demo
 register_architecture("tiny-vit")(lambda: DualEncoderConfig(
     embed_dim=32,

@@ -144,7 +144,12 @@ class VisionConfig:
             raise ConfigError("a NaFlex image tower is SigLIP 2's: pool='map', no class token, no pre-norm")
         if self.kind in ("vit", "naflex"):
             _check_transformer(self, "vision")
-            if self.image_size % self.patch_size:
+            # A ViT's strided patch convolution leaves out the last image_size % patch_size rows and
+            # columns, as transformers' and timm's do: SigLIP's so400m-patch14-384 sees 27 x 27 patches
+            # (378 of its 384 px). NaFlex images are resized to whole patches by their preprocessing.
+            if self.image_size < self.patch_size:
+                raise ConfigError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+            if self.kind == "naflex" and self.image_size % self.patch_size:
                 raise ConfigError(
                     f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
                 )
