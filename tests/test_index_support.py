@@ -95,3 +95,16 @@ def tiny_encoder(tiny_model_dir):
     from polyclip.index import Encoder
 
     return Encoder.load(tiny_model_dir)
+
+
+def build_captioned_index(root: Path, encoder, images: list[Path], image_dir: Path) -> Path:
+    """An index at ``root / "index"`` of the images under ``image_dir``, half of them captioned
+    (`write_captions`), built with ``encoder`` as `polyclip index build` would."""
+    from polyclip.index import BuildOptions, Index, add_paths
+    from polyclip.index.build import collect_inputs
+
+    captions = write_captions(root / "captions.jsonl", images)
+    found, annotations, _ = collect_inputs([image_dir], captions)
+    with Index.create(root / "index", encoder.identity) as index:
+        add_paths(index, encoder, found, annotations, BuildOptions(batch_size=8, progress=False))
+    return root / "index"

@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_index_support import make_images, other_model_dir, tiny_encoder, tiny_model_dir, write_captions  # noqa: F401
+from test_index_support import (  # noqa: F401
+    build_captioned_index,
+    make_images,
+    other_model_dir,
+    tiny_encoder,
+    tiny_model_dir,
+    write_captions,
+)
 
 pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
@@ -21,8 +28,7 @@ httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from polyclip.index import BuildOptions, Encoder, Index, ModelMismatchError, NewItem, add_paths  # noqa: E402
-from polyclip.index.build import collect_inputs  # noqa: E402
+from polyclip.index import Encoder, Index, ModelMismatchError, NewItem  # noqa: E402
 from polyclip.serve import ServeConfig, create_app  # noqa: E402
 
 LIMITS = ServeConfig(
@@ -34,10 +40,7 @@ LIMITS = ServeConfig(
 def index_dir(tmp_path_factory, tiny_encoder):
     root = tmp_path_factory.mktemp("served")
     paths = make_images(root / "images", 12, size=(64, 48))
-    captions = write_captions(root / "captions.jsonl", paths)
-    found, annotations, _ = collect_inputs([root / "images"], captions)
-    with Index.create(root / "index", tiny_encoder.identity) as index:
-        add_paths(index, tiny_encoder, found, annotations, BuildOptions(batch_size=6, progress=False))
+    build_captioned_index(root, tiny_encoder, paths, root / "images")
     return root / "index", paths
 
 

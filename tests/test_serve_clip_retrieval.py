@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 from conftest import free_port
-from test_index_support import make_images, tiny_encoder, tiny_model_dir, write_captions  # noqa: F401
+from test_index_support import (  # noqa: F401
+    build_captioned_index,
+    make_images,
+    tiny_encoder,
+    tiny_model_dir,
+    write_captions,
+)
 
 pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
@@ -43,8 +49,7 @@ clip_client = load_clip_client()
 
 import uvicorn  # noqa: E402
 
-from polyclip.index import BuildOptions, Index, add_paths  # noqa: E402
-from polyclip.index.build import collect_inputs  # noqa: E402
+from polyclip.index import Index  # noqa: E402
 from polyclip.serve import ServeConfig, create_app  # noqa: E402
 
 MAX_K = 20
@@ -56,10 +61,7 @@ def collection(tmp_path_factory, tiny_encoder):
     paths = make_images(root / "images", 10, size=(40, 32))
     shutil.copy(paths[3], root / "images" / "copy-of-0003.png")  # an exact duplicate
     paths.append(root / "images" / "copy-of-0003.png")
-    captions = write_captions(root / "captions.jsonl", paths)
-    found, annotations, _ = collect_inputs([root / "images"], captions)
-    with Index.create(root / "index", tiny_encoder.identity) as index:
-        add_paths(index, tiny_encoder, found, annotations, BuildOptions(batch_size=6, progress=False))
+    build_captioned_index(root, tiny_encoder, paths, root / "images")
     return root / "index", paths
 
 

@@ -14,7 +14,13 @@ from urllib.parse import quote
 import pytest
 from PIL import Image
 
-from test_index_support import make_images, tiny_encoder, tiny_model_dir, write_captions  # noqa: F401
+from test_index_support import (  # noqa: F401
+    build_captioned_index,
+    make_images,
+    tiny_encoder,
+    tiny_model_dir,
+    write_captions,
+)
 
 pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
@@ -24,8 +30,6 @@ from fastapi.testclient import TestClient  # noqa: E402
 from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from polyclip.index import BuildOptions, Index, add_paths  # noqa: E402
-from polyclip.index.build import collect_inputs  # noqa: E402
 from polyclip.serve import ServeConfig, create_app  # noqa: E402
 
 SECONDS_PER_REQUEST = 3.0  # generous for a loaded CI machine; a 100 MB prompt took 3 s per label
@@ -65,10 +69,7 @@ template_text = st.text(alphabet=st.sampled_from("{}{}:!<>0123456789rsax. _[]%")
 def client(tmp_path_factory, tiny_encoder):
     root = tmp_path_factory.mktemp("hostile")
     paths = make_images(root / "images", 8, size=(40, 32))
-    captions = write_captions(root / "captions.jsonl", paths)
-    found, annotations, _ = collect_inputs([root / "images"], captions)
-    with Index.create(root / "index", tiny_encoder.identity) as index:
-        add_paths(index, tiny_encoder, found, annotations, BuildOptions(batch_size=8, progress=False))
+    build_captioned_index(root, tiny_encoder, paths, root / "images")
     config = ServeConfig(max_text_chars=300, max_k=50, max_labels=16, max_upload_bytes=200_000)
     with TestClient(create_app(root / "index", config, encoder=tiny_encoder)) as test_client:
         yield test_client

@@ -11,15 +11,21 @@ import time
 import pytest
 from PIL import Image
 
-from test_index_support import make_images, other_model_dir, tiny_encoder, tiny_model_dir, write_captions  # noqa: F401
+from test_index_support import (  # noqa: F401
+    build_captioned_index,
+    make_images,
+    other_model_dir,
+    tiny_encoder,
+    tiny_model_dir,
+    write_captions,
+)
 
 pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from polyclip.index import BuildOptions, Index, ModelMismatchError, add_paths  # noqa: E402
-from polyclip.index.build import collect_inputs  # noqa: E402
+from polyclip.index import Index, ModelMismatchError  # noqa: E402
 from polyclip.serve import ServeConfig, create_app  # noqa: E402
 
 LIMITS = ServeConfig(max_text_chars=200, max_k=50)
@@ -29,10 +35,7 @@ LIMITS = ServeConfig(max_text_chars=200, max_k=50)
 def index_dir(tmp_path_factory, tiny_encoder):
     root = tmp_path_factory.mktemp("guarded")
     paths = make_images(root / "photos" / "holiday", 6, size=(40, 32))
-    captions = write_captions(root / "captions.jsonl", paths)
-    found, annotations, _ = collect_inputs([root / "photos"], captions)
-    with Index.create(root / "index", tiny_encoder.identity) as index:
-        add_paths(index, tiny_encoder, found, annotations, BuildOptions(batch_size=6, progress=False))
+    build_captioned_index(root, tiny_encoder, paths, root / "photos")
     return root / "index", paths
 
 

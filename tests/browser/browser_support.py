@@ -14,7 +14,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared helpers live in tests/
 from conftest import free_port  # noqa: E402
-from test_index_support import make_shapes, tiny_encoder, tiny_model_dir, write_captions  # noqa: E402, F401
+from test_index_support import (  # noqa: E402, F401
+    build_captioned_index,
+    make_shapes,
+    tiny_encoder,
+    tiny_model_dir,
+    write_captions,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -43,15 +49,10 @@ BROWSER = [
 def collection(tmp_path_factory, tiny_encoder):
     """18 shapes with captions, indexed: (index folder, image paths)."""
     pytest.importorskip("faiss")
-    from polyclip.index import BuildOptions, Index, add_paths
-    from polyclip.index.build import collect_inputs
 
     root = tmp_path_factory.mktemp("page")
     images = make_shapes(root / "images", 18)
-    captions = write_captions(root / "captions.jsonl", images)
-    paths, annotations, _ = collect_inputs([root / "images"], captions)
-    with Index.create(root / "index", tiny_encoder.identity) as index:
-        add_paths(index, tiny_encoder, paths, annotations, BuildOptions(batch_size=8, progress=False))
+    build_captioned_index(root, tiny_encoder, images, root / "images")
     return root / "index", images
 
 
