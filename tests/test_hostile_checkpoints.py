@@ -371,3 +371,21 @@ def test_shard_index_of_the_wrong_shape(hf_folder):
         (hf_folder / "model.safetensors.index.json").write_text(content)
         with pytest.raises(CheckpointError):
             read_checkpoint(hf_folder)
+
+
+def test_a_refused_pickle_names_its_reason_without_torchs_advice_to_trust_it(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    path = tmp_path / "model.pt"
+    torch.save({"weight": Payload()}, path)
+    with pytest.raises(CheckpointError) as raised:
+        read_checkpoint(path)
+    message = str(raised.value)
+    assert "GLOBAL print was not an allowed global" in message
+    assert "weights_only" not in message and "allowlist" not in message and "Please" not in message
+    (tmp_path / "junk.pt").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(CheckpointError, match=r"cannot read .*junk.pt as a PyTorch state dict \(") as raised:
+        read_checkpoint(tmp_path / "junk.pt")
+    assert len(str(raised.value)) < 400

@@ -264,6 +264,20 @@ def read_shard_index(folder: Path, index: Path) -> list[Path]:
     return files
 
 
+def _unreadable_pickle(path: Path, error: Exception) -> CheckpointError:
+    """The reason a pickle was refused, without torch's advice to rerun with weights_only=False
+    (which would execute the file's code: the one thing polyclip never does)."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:  # torch's restricted unpickler: its own reason follows the marker
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    reason = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    reason = reason.split(". ", 1)[0].rstrip(".")  # its first sentence: the rest advises allowlisting
+    return CheckpointError(
+        f"cannot read {path} as a PyTorch state dict ({reason}). Only plain tensor checkpoints are "
+        "accepted; nothing in a checkpoint is executed."
+    )
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors or pickle state dict (pickles read with weights_only=True: nothing is executed)."""
     if path.suffix == ".safetensors":
@@ -282,15 +296,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as legacy_error:
-            raise CheckpointError(
-                f"cannot read {path} as a PyTorch state dict ({type(legacy_error).__name__}: {legacy_error}). "
-                "Only plain tensor checkpoints are accepted; nothing in a checkpoint is executed."
-            ) from legacy_error
+            raise _unreadable_pickle(path, legacy_error) from legacy_error
     except Exception as error:
-        raise CheckpointError(
-            f"cannot read {path} as a PyTorch state dict ({type(error).__name__}: {error}). "
-            "Only plain tensor checkpoints are accepted; nothing in a checkpoint is executed."
-        ) from error
+        raise _unreadable_pickle(path, error) from error
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
