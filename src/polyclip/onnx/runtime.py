@@ -79,6 +79,8 @@ class OnnxDualEncoder(nn.Module):
     # the contract's arithmetic, shared with the eager model: the same attributes are read
     logits = DualEncoder.logits
     forward = DualEncoder.forward
+    image_size = DualEncoder.image_size  # read from self.config, as on a DualEncoder
+    context_length = DualEncoder.context_length
 
     def __init__(self, folder: str | Path, threads: int | None = None):
         super().__init__()
@@ -111,14 +113,6 @@ class OnnxDualEncoder(nn.Module):
         return f"OnnxDualEncoder({str(self.folder)!r}, opset={self.manifest['opset']})"
 
     # -- the contract's attributes
-    @property
-    def image_size(self) -> int:
-        return self.config.vision.image_size
-
-    @property
-    def context_length(self) -> int:
-        return self.config.text.context_length
-
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
