@@ -17,6 +17,12 @@ import torch
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+# A vector stored in float16 differs from its float32 self by at most half a unit in the last place,
+# 2^-11 relative, in each coordinate; for unit vectors the score of a query against its own stored copy
+# is therefore within 2^-11 of 1 (plus float32 rounding of the sum).
+SELF_SCORE_TOLERANCE = 2**-11 + 1e-5
+
+
 def missing_reference(reason: str):
     """A reference cannot be used here: skip on a developer's machine, fail in CI."""
     if IN_CI:

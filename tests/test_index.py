@@ -17,6 +17,7 @@ from test_index_support import make_images, other_model_dir, tiny_encoder, tiny_
 
 pytest.importorskip("faiss")
 
+from conftest import SELF_SCORE_TOLERANCE  # noqa: E402
 from polyclip.index import (  # noqa: E402
     BuildOptions,
     Encoder,
@@ -103,10 +104,12 @@ def test_search_matches_brute_force(built, tiny_encoder):
 def test_image_query_finds_itself_and_captions_space(built, tiny_encoder):
     index, _, paths = built
     hits = index.search(tiny_encoder.encode_images([paths[7]]), k=3)[0]
-    assert hits[0].path == str(paths[7].resolve()) and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert hits[0].path == str(paths[7].resolve()) and hits[0].score == pytest.approx(
+        1.0, abs=SELF_SCORE_TOLERANCE
+    )
     caption_hits = index.search(tiny_encoder.encode_texts(["picture number 6"]), k=1, space="caption")[0]
     assert caption_hits[0].caption == "picture number 6"
-    assert caption_hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert caption_hits[0].score == pytest.approx(1.0, abs=SELF_SCORE_TOLERANCE)
     assert caption_hits[0].metadata == {"split": "train", "rank": 6}
 
 
@@ -163,7 +166,7 @@ def test_crash_between_commit_and_save_is_recovered(built, tiny_encoder, tmp_pat
     index.close()  # no save(): vectors.faiss still holds the old state
     with Index(folder) as reader:
         hits = reader.search(tiny_encoder.encode_images([extra[1]]), k=2)[0]
-        assert hits[0].path == str(extra[1]) and hits[0].score == pytest.approx(1.0, abs=1e-4)
+        assert hits[0].path == str(extra[1]) and hits[0].score == pytest.approx(1.0, abs=SELF_SCORE_TOLERANCE)
         assert 1 not in [h.id for h in reader.search(tiny_encoder.encode_texts(["x"]), k=100)[0]]
         assert len(reader.search(tiny_encoder.encode_texts(["x"]), k=100)[0]) == len(paths) + 3 - 1
     (folder / "vectors.faiss").write_bytes(b"corrupt")  # an unreadable file is rebuilt from SQLite
@@ -203,7 +206,7 @@ def test_save_compacts_the_change_log_and_readers_behind_it_reload(built, tiny_e
         ids = [hit.id for hit in hits]
         assert len(ids) == len(set(ids)) == len(paths) + 4 - 1 and 2 not in ids
         top = reader.search(tiny_encoder.encode_images([second[1]]), k=1)[0][0]
-        assert top.path == str(second[1]) and top.score == pytest.approx(1.0, abs=1e-4)
+        assert top.path == str(second[1]) and top.score == pytest.approx(1.0, abs=SELF_SCORE_TOLERANCE)
 
 
 def test_model_identity_is_enforced(built, tiny_encoder, other_model_dir, tiny_model_dir):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import child_env, run_polyclip, spawn_polyclip
+from conftest import SELF_SCORE_TOLERANCE, child_env, run_polyclip, spawn_polyclip
 from test_index_support import make_images, other_model_dir, tiny_encoder, tiny_model_dir, write_captions  # noqa: F401
 
 pytest.importorskip("faiss")
@@ -53,7 +53,9 @@ def test_cli_build_info_search_add_remove(tmp_path, tiny_model_dir, other_model_
     found = runner.invoke(app, ["index", "search", str(out), "--image", str(images[4]), "-k", "2", "--json"])
     assert found.exit_code == 0, found.output
     hits = json.loads(found.output)
-    assert hits[0]["path"] == str(images[4].resolve()) and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert hits[0]["path"] == str(images[4].resolve()) and hits[0]["score"] == pytest.approx(
+        1.0, abs=SELF_SCORE_TOLERANCE
+    )
     filtered = runner.invoke(
         app, ["index", "search", str(out), "-t", "x", "-k", "10", "--filter", '{"split": "test"}', "--json"]
     )
@@ -125,7 +127,9 @@ def test_kill_during_build_then_rerun_gives_the_full_collection(tmp_path, tiny_m
         assert index.describe()["spaces"]["image"]["vectors"] == len(images)
         for probe in (images[0], images[partial - 1], images[partial], images[-1]):
             hits = index.search(tiny_encoder.encode_images([probe]), k=2)[0]
-            assert hits[0].path == str(probe.resolve()) and hits[0].score == pytest.approx(1.0, abs=1e-4)
+            assert hits[0].path == str(probe.resolve()) and hits[0].score == pytest.approx(
+                1.0, abs=SELF_SCORE_TOLERANCE
+            )
         ids, stored = index.stored_vectors([r.id for r in index.store.list_items(limit=200)])
         records = index.store.get_items(ids.tolist())
         direct = tiny_encoder.encode_images([records[i].path for i in ids.tolist()]).vectors

@@ -28,6 +28,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from conftest import SELF_SCORE_TOLERANCE  # noqa: E402
 from polyclip.onnx import MANIFEST_NAME, OnnxDualEncoder, OnnxFolderError, export_onnx  # noqa: E402
 
 runner = CliRunner()
@@ -251,7 +252,9 @@ def test_index_build_and_serve_through_onnx(exports, tmp_path):
     found = runner.invoke(app, ["index", "search", str(out), "--image", str(paths[3]), "-k", "1", "--json"])
     assert found.exit_code == 0, found.output
     hit = json.loads(found.output)[0]
-    assert hit["path"] == str(paths[3].resolve()) and hit["score"] == pytest.approx(1.0, abs=1e-4)
+    assert hit["path"] == str(paths[3].resolve()) and hit["score"] == pytest.approx(
+        1.0, abs=SELF_SCORE_TOLERANCE
+    )
     # the service loads the index's own model (the export) by the source the index recorded
     with TestClient(create_app(out, ServeConfig())) as client:
         response = client.post("/search", json={"text": "a white square", "k": 3})

@@ -28,6 +28,7 @@ httpx = pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import SELF_SCORE_TOLERANCE  # noqa: E402
 from polyclip.index import Encoder, Index, ModelMismatchError, NewItem  # noqa: E402
 from polyclip.serve import ServeConfig, create_app  # noqa: E402
 
@@ -112,7 +113,7 @@ def test_image_search_finds_the_same_image(client, index_dir):
     assert response.status_code == 200, response.text
     top = response.json()["results"][0]
     # relative to the collection root (the images folder): no absolute server path leaves the service
-    assert top["path"] == paths[5].name and top["score"] == pytest.approx(1.0, abs=1e-4)
+    assert top["path"] == paths[5].name and top["score"] == pytest.approx(1.0, abs=SELF_SCORE_TOLERANCE)
 
 
 def test_classify_and_embed(client, tiny_encoder):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port
+from conftest import SELF_SCORE_TOLERANCE, free_port
 from test_index_support import (  # noqa: F401
     build_captioned_index,
     make_images,
@@ -108,14 +108,16 @@ def test_image_query_finds_itself(server, collection):
     _, paths = collection
     results = client(server, num_images=3, deduplicate=False).query(image=str(paths[6]))
     assert results[0]["path"] == paths[6].name
-    assert results[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert results[0]["similarity"] == pytest.approx(1.0, abs=SELF_SCORE_TOLERANCE)
 
 
 def test_embedding_query(server, tiny_encoder, collection):
     _, paths = collection
     vector = tiny_encoder.encode_images([paths[2]]).vectors[0]
     results = client(server, num_images=2, deduplicate=False).query(embedding_input=(3.0 * vector).tolist())
-    assert results[0]["path"] == paths[2].name and results[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert results[0]["path"] == paths[2].name and results[0]["similarity"] == pytest.approx(
+        1.0, abs=SELF_SCORE_TOLERANCE
+    )
     wrong = client(server).query(embedding_input=[1.0, 2.0])
     assert wrong["status"] == 422 and "embedding" in wrong["error"]
 

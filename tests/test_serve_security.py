@@ -25,6 +25,7 @@ pytest.importorskip("fastapi")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import SELF_SCORE_TOLERANCE  # noqa: E402
 from polyclip.index import Index, ModelMismatchError  # noqa: E402
 from polyclip.serve import ServeConfig, create_app  # noqa: E402
 
@@ -120,7 +121,7 @@ def test_more_like_this_and_embed_takes_text_too(client, tiny_encoder):
     first = client.post("/search", json={"text": "a picture", "k": 1}).json()["results"][0]
     like = client.post("/search", json={"like": first["id"], "k": 2}).json()
     assert like["query"] == "item" and like["results"][0]["id"] == first["id"]
-    assert like["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert like["results"][0]["score"] == pytest.approx(1.0, abs=SELF_SCORE_TOLERANCE)
     assert client.post("/search", json={"like": 999_999}).status_code == 404
     assert client.post("/search", json={"like": 1, "text": "both"}).status_code == 422
     one = client.post("/embed", json={"text": "a cat"}).json()
